@@ -1,0 +1,236 @@
+"""The standard Duo/MDLM denoiser (a DiT with adaLN conditioning), duo-math.md section 7.
+
+Module names, parameter shapes, parameter order and numerics match the public checkpoints, so
+their ``backbone.*`` state dicts load with no conversion. Inputs can be token ids, relaxed
+weights over the vocabulary (dense or as ``(indices, weights)`` bags) or a precomputed input
+embedding; the output can be the logits or the final hidden state (after the output layer's
+adaLN-modulated norm) for kernels that apply the output projection themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DiTConfig
+
+try:  # optional: only where it installs, used for CUDA bf16/fp16 tensors
+    from flash_attn import flash_attn_qkvpacked_func as _flash_qkvpacked
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_qkvpacked = None
+
+__all__ = ["DiT", "flash_attention_available"]
+
+
+def flash_attention_available() -> bool:
+    return _flash_qkvpacked is not None
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias, computed in float32, then times ``weight`` (public numerics)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.to(torch.promote_types(x.dtype, torch.float32)), [self.dim])
+        return x * self.weight[None, None, :]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """``sigma (B,) -> mlp(sinusoidal_256(sigma)) (B, cond_dim)``."""
+
+    def __init__(self, cond_dim: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    @staticmethod
+    def sinusoidal(sigma: Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=sigma.device) / half)
+        args = sigma[:, None].to(dtype) * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        w = self.mlp[0].weight.dtype
+        emb = self.sinusoidal(sigma, self.frequency_dim, dtype=torch.promote_types(w, torch.float32))
+        return self.mlp(emb.to(w))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (base 10000, non-interleaved "rotate half")."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+
+    def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        t = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
+        emb = torch.outer(t, self.inv_freq).repeat(1, 2)          # (L, head_dim)
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """qkv: (B, L, 3, H, hd); rotates q and k, leaves v. cos/sin: (L, hd)."""
+    cos = cos.to(qkv.dtype)[None, :, None, :]
+    sin = sin.to(qkv.dtype)[None, :, None, :]
+    q, k, v = qkv.unbind(2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return torch.stack((q, k, v), dim=2)
+
+
+def attention(qkv: Tensor) -> Tensor:
+    """Bidirectional attention. qkv: (B, L, 3, H, hd) -> (B, L, H * hd)."""
+    B, L, _, H, hd = qkv.shape
+    if _flash_qkvpacked is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_qkvpacked(qkv, 0.0, causal=False)          # (B, L, H, hd)
+        return out.reshape(B, L, H * hd)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)               # each (B, H, L, hd)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+    return out.transpose(1, 2).reshape(B, L, H * hd)
+
+
+class DDiTBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * dim, dim))
+        self.dropout = dropout
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor) -> Tensor:
+        B, L, D = x.shape
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
+        qkv = apply_rotary(qkv.view(B, L, 3, self.n_heads, D // self.n_heads), cos, sin)
+        h = self.attn_out(attention(qkv))
+        x = x + gate_msa * F.dropout(h, self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * F.dropout(h, self.dropout, self.training)
+
+
+class EmbeddingLayer(nn.Module):
+    """``vocab_embed``: a bare ``(K, D)`` parameter."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty((vocab_size, dim)))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        K = self.embedding.shape[0]
+        if isinstance(x, tuple):                       # bags: indices (B, L, k), weights (B, L, k)
+            idx, w = x
+            if idx.shape != w.shape:
+                raise ValueError(f"bag indices {tuple(idx.shape)} and weights {tuple(w.shape)} differ in shape")
+            return torch.einsum("blk,blkd->bld", w.to(self.embedding.dtype), self.embedding[idx])
+        if x.dtype in (torch.int64, torch.int32):
+            return self.embedding[x]
+        if x.dim() != 3 or x.shape[-1] != K:
+            raise ValueError(f"dense relaxed input must be (B, L, {K}), got {tuple(x.shape)}")
+        return x.to(self.embedding.dtype) @ self.embedding   # (B, L, K) weights -> (B, L, D)
+
+
+class DDitFinalLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, out_channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def hidden(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.linear(self.hidden(x, c))
+
+
+class DiT(nn.Module):
+    """The denoiser. Call as ``model(x, sigma)``:
+
+    * ``x``: token ids (B, L) int64; or dense relaxed weights (B, L, K) float (already
+      normalised, e.g. ``softmax(w / tau)``); or a bag ``(indices (B, L, k), weights (B, L, k))``;
+      or ``None`` with ``inputs_embeds`` (B, L, D).
+    * ``sigma``: (B,) float, ``-log(alpha_t)``; ignored (zeroed) if not ``time_conditioning``.
+    * returns logits (B, L, K), or with ``return_hidden=True`` the final hidden state (B, L, D)
+      that ``output_layer.linear`` maps to the logits. On CUDA the blocks and output layer run
+      under bf16 autocast (``autocast=False`` turns that off), as in the public model.
+    """
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, C = config.hidden_dim, config.cond_dim
+        self.vocab_embed = EmbeddingLayer(D, config.vocab_size)
+        self.sigma_map = TimestepEmbedder(C)
+        self.rotary_emb = Rotary(config.head_dim)
+        self.blocks = nn.ModuleList([DDiTBlock(D, config.n_heads, C, dropout=config.dropout)
+                                     for _ in range(config.n_blocks)])
+        self.output_layer = DDitFinalLayer(D, config.vocab_size, C)
+        self.autocast = True
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def forward(self, x: Tensor | tuple[Tensor, Tensor] | None, sigma: Tensor, *,
+                inputs_embeds: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+        if inputs_embeds is None:
+            if x is None:
+                raise ValueError("DiT needs token ids, relaxed weights or inputs_embeds")
+            if isinstance(x, Tensor) and not x.is_floating_point():
+                self._check_ids(x)
+            h = self.vocab_embed(x)
+        else:
+            h = inputs_embeds
+        if h.dim() != 3 or h.shape[-1] != self.config.hidden_dim:
+            raise ValueError(f"input embedding must be (B, L, {self.config.hidden_dim}), got {tuple(h.shape)}")
+        B, L, _ = h.shape
+        sigma = sigma.reshape(-1).expand(B) if sigma.numel() in (1, B) else sigma
+        if sigma.shape != (B,):
+            raise ValueError(f"sigma must have shape ({B},), got {tuple(sigma.shape)}")
+        if not self.config.time_conditioning:
+            sigma = torch.zeros_like(sigma)
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb(L, h.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=h.is_cuda and self.autocast):
+            for block in self.blocks:
+                h = block(h, cos, sin, c)
+            if return_hidden:
+                return self.output_layer.hidden(h, c)
+            return self.output_layer(h, c)
+
+    def _check_ids(self, ids: Tensor) -> None:
+        # Out-of-range ids would silently read garbage rows on GPU; checked without a host sync.
+        K = self.config.vocab_size
+        torch._assert_async(((ids >= 0) & (ids < K)).all(), f"token ids out of range [0, {K})")
