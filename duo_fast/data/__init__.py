@@ -1,0 +1,172 @@
+"""Text data: the bundled demo corpus, tokenizers, and wrapping into fixed-length blocks.
+
+* ``bundled_documents()``: the Jargon File 4.4.7 (public domain), one document per line, in
+  ``jargon.txt.gz`` beside this file (``prepare_jargon.py`` rebuilds it).
+* ``get_tokenizer(name_or_path)``: ``"bundled"`` trains a byte-level BPE on that corpus with
+  ``tokenizers`` on first use and caches it as a Hugging Face tokenizer folder; anything else is
+  passed to ``transformers.AutoTokenizer.from_pretrained`` (hub name or local folder).
+* ``load_text_documents(source)``: ``datasets``-based loading of hub corpora (``openwebtext``,
+  ``wikitext103``, ``lm1b``) and of local ``.txt`` / ``.jsonl`` files.
+* ``wrap_blocks(...)``: documents -> ``[BOS] doc [EOS]`` concatenated and cut into ``(N, L)`` blocks
+  (duo-math.md section 8: every block fully valid, no padding).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["bundled_documents", "bundled_corpus_path", "get_tokenizer", "train_bpe_tokenizer",
+           "load_text_documents", "wrap_blocks", "tokenize_documents", "special_ids", "BlockDataset"]
+
+_HERE = Path(__file__).resolve().parent
+BOS, EOS, PAD, UNK = "[BOS]", "[EOS]", "[PAD]", "[UNK]"
+
+
+def bundled_corpus_path() -> Path:
+    return _HERE / "jargon.txt.gz"
+
+
+def bundled_documents() -> list[str]:
+    """The bundled corpus: about 2,200 documents, 1.4 MB of English text."""
+    with gzip.open(bundled_corpus_path(), "rt", encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("DUO_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "duo_fast")))
+
+
+def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | Path) -> Any:
+    """Train a byte-level BPE tokenizer with ``[BOS]``/``[EOS]``/``[PAD]``/``[UNK]`` and save it
+    as a Hugging Face tokenizer folder at ``out_dir``. Returns the loaded fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(documents, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    fast.save_pretrained(str(tmp))
+    if out_dir.exists():      # another process finished first; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return load_local_tokenizer(out_dir)
+
+
+def load_local_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
+    """A tokenizer by name: ``"bundled"`` (BPE of ``vocab_size`` trained on the bundled corpus,
+    cached under ``$DUO_FAST_CACHE``), a local tokenizer folder, or a hub name such as ``gpt2``."""
+    if name_or_path == "bundled":
+        path = _cache_root() / "tokenizers" / f"jargon-bpe-{vocab_size}"
+        if (path / "tokenizer.json").exists():
+            return load_local_tokenizer(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return train_bpe_tokenizer(bundled_documents(), vocab_size, path)
+    return load_local_tokenizer(name_or_path)
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """``(bos_id, eos_id)``; tokenizers without BOS (GPT-2) use EOS for both, as in section 8."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    if eos is None:
+        raise ValueError("tokenizer has neither an EOS nor a SEP token to separate documents")
+    return (bos if bos is not None else eos), eos
+
+
+def tokenize_documents(tokenizer: Any, documents: Sequence[str], batch_size: int = 512) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(documents), batch_size):
+        enc = tokenizer(list(documents[i:i + batch_size]), add_special_tokens=False)["input_ids"]
+        out.extend(enc)
+    return out
+
+
+def wrap_blocks(token_lists: Iterable[Sequence[int]], length: int, bos_id: int, eos_id: int) -> torch.Tensor:
+    """Concatenate ``[BOS] doc [EOS]`` for every document and cut into blocks of ``length``;
+    the incomplete tail is dropped. Returns (N, length) int64."""
+    pieces = [np.asarray([bos_id, *ids, eos_id], dtype=np.int64) for ids in token_lists]
+    if not pieces:
+        raise ValueError("no documents to wrap")
+    flat = np.concatenate(pieces)
+    n = flat.size // length
+    if n == 0:
+        raise ValueError(f"corpus has {flat.size} tokens, fewer than one block of length {length}")
+    return torch.from_numpy(flat[: n * length].reshape(n, length).copy())
+
+
+_HUB = {
+    "openwebtext": ("openwebtext", None, "text"),
+    "wikitext103": ("wikitext", "wikitext-103-raw-v1", "text"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
+    "lm1b": ("lm1b", None, "text"),
+}
+
+
+def load_text_documents(source: str, split: str = "train", text_field: str = "text") -> list[str]:
+    """Documents from ``bundled``, a hub corpus (``openwebtext``, ``wikitext103``, ``wikitext2``,
+    ``lm1b``), or a local file ``text:PATH`` / ``PATH`` ending in ``.txt``, ``.txt.gz`` (one
+    document per line) or ``.jsonl``/``.json`` (field ``text_field``), through ``datasets``.
+
+    OpenWebText has no validation split: its last 100,000 documents are used (section 8)."""
+    if source == "bundled":
+        docs = bundled_documents()
+        cut = int(len(docs) * 0.95)
+        return docs[:cut] if split == "train" else docs[cut:]
+    import datasets
+
+    path = source[5:] if source.startswith("text:") else source
+    if source.startswith("text:") or os.path.sep in source or Path(path).suffix in (".txt", ".gz", ".jsonl", ".json"):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"dataset file {path!r} does not exist")
+        kind = "json" if path.endswith((".jsonl", ".json")) else "text"
+        ds = datasets.load_dataset(kind, data_files={"data": path}, split="data")
+        field = text_field if kind == "json" else "text"
+        if field not in ds.column_names:
+            raise ValueError(f"{path}: no field {field!r}; fields are {ds.column_names}")
+        return [t for t in ds[field] if t and t.strip()]
+    if source not in _HUB:
+        raise ValueError(f"unknown dataset {source!r}: use bundled, {', '.join(_HUB)}, or text:PATH")
+    name, config, field = _HUB[source]
+    if source == "openwebtext":
+        ds = datasets.load_dataset(name, split="train")
+        n = len(ds)
+        ds = ds.select(range(0, n - 100_000)) if split == "train" else ds.select(range(n - 100_000, n))
+    else:
+        ds = datasets.load_dataset(name, config, split=split)
+    return [t for t in ds[field] if t and t.strip()]
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length blocks (N, L) int64 as a map-style dataset."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        if blocks.dim() != 2:
+            raise ValueError(f"blocks must be (N, L), got {tuple(blocks.shape)}")
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
