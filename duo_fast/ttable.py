@@ -29,7 +29,7 @@ import torch
 from scipy.special import log_ndtr
 from torch import Tensor
 
-__all__ = ["TTable", "p_and_derivative", "q_and_derivative"]
+__all__ = ["TTable", "p_and_derivative", "q_and_derivative", "lookup_backend"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -88,23 +88,48 @@ def _hermite_lookup(gamma: Tensor, q: Tensor, dq: Tensor, gamma_min: float, gamm
     n = q.shape[0]
     h = (gamma_max - gamma_min) / (n - 1)
     pos = (gamma.to(q.dtype) - gamma_min) / h
-    idx = pos.floor().clamp(0, n - 2).long()        # interval index; range is checked by the caller
+    idx = torch.nan_to_num(pos, nan=0.0).floor().clamp(0, n - 2).long()   # out-of-range rows become NaN below
     s = pos - idx
+    # Same arithmetic, in the same order, as csrc/ttable_lookup.h (the op must match to 1e-12).
     p0, p1 = q[idx], q[idx + 1]
     m0, m1 = dq[idx] * h, dq[idx + 1] * h
     s2, s3 = s * s, s * s * s
     val = (2 * s3 - 3 * s2 + 1) * p0 + (s3 - 2 * s2 + s) * m0 + (-2 * s3 + 3 * s2) * p1 + (s3 - s2) * m1
     der = ((6 * s2 - 6 * s) * p0 + (3 * s2 - 4 * s + 1) * m0 + (-6 * s2 + 6 * s) * p1 + (3 * s2 - 2 * s) * m1) / h
     scale = vocab_size / (vocab_size - 1)
-    alpha = 1.0 - scale * val
-    dalpha = -scale * der
+    g = gamma.to(q.dtype)
+    inside = (g >= gamma_min) & (g <= gamma_max)          # False for NaN too: NaN out, never a clamp
+    nan = torch.full_like(val, float("nan"))
+    alpha = torch.where(inside, 1.0 - scale * val, nan)
+    dalpha = torch.where(inside, -scale * der, nan)
     return alpha.to(gamma.dtype), dalpha.to(gamma.dtype)
+
+
+def lookup_backend(device: torch.device, impl: str = "auto") -> str:
+    """``"cpp"`` (the custom op ``torch.ops.duo_fast.ttable_lookup``) or ``"torch"`` for a
+    lookup on ``device``. ``impl`` (or ``DUO_FAST_TTABLE_IMPL``) forces one; a forced ``cpp``
+    that is not available raises, ``auto`` falls back with a one-time warning."""
+    from . import _ext
+
+    impl = os.environ.get("DUO_FAST_TTABLE_IMPL", impl) if impl == "auto" else impl
+    if impl not in ("auto", "cpp", "torch"):
+        raise ValueError(f"T-table lookup impl must be auto, cpp or torch, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    ok = _ext.AVAILABLE and (device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
+        "duo_fast::ttable_lookup", "CUDA" if device.type == "cuda" else device.type.upper()))
+    if ok:
+        return "cpp"
+    if impl == "cpp":
+        raise RuntimeError(f"the C++ T-table lookup is not available on {device} ({_ext.IMPORT_ERROR or 'no kernel'})")
+    _ext.warn_fallback_once()
+    return "torch"
 
 
 class _AlphaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gamma: Tensor, table: "TTable") -> Tensor:  # type: ignore[override]
-        alpha, dalpha = table.alpha_and_derivative(gamma, check=False)
+        alpha, dalpha = table.alpha_and_derivative(gamma, check=False, impl="torch")
         ctx.save_for_backward(dalpha)
         return alpha
 
@@ -227,18 +252,27 @@ class TTable:
         torch._assert_async(ok, f"gamma outside the T table's range [{self.gamma_min}, {self.gamma_max}] "
                                 f"(NaN included); build a table with a wider range")
 
-    def alpha_and_derivative(self, gamma: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
-        """``(alpha, dalpha/dgamma)`` at ``gamma`` (any shape, float32/float64), no autograd."""
+    def alpha_and_derivative(self, gamma: Tensor, check: bool = True, impl: str = "auto") -> tuple[Tensor, Tensor]:
+        """``(alpha, dalpha/dgamma)`` at ``gamma`` (any shape, float32/float64), no autograd.
+        With ``check=False`` a gamma outside the range gives NaN instead of an error."""
         if check:
             self.check_range(gamma)
         dev = gamma.device
+        if lookup_backend(dev, impl) == "cpp":
+            return torch.ops.duo_fast.ttable_lookup(gamma.detach(), self.q(dev), self.dq(dev), self.gamma_min,
+                                                    self.gamma_max, self.vocab_size)
         return _hermite_lookup(gamma.detach(), self.q(dev), self.dq(dev), self.gamma_min, self.gamma_max,
                                self.vocab_size)
 
-    def alpha(self, gamma: Tensor, check: bool = True) -> Tensor:
-        """USDM ``alpha = T(gamma)``, differentiable: autograd gives the analytic ``dalpha/dgamma``."""
+    def alpha(self, gamma: Tensor, check: bool = True, impl: str = "auto") -> Tensor:
+        """USDM ``alpha = T(gamma)``, differentiable: autograd gives the analytic ``dalpha/dgamma``.
+        Runs the C++/CUDA op when it is built (:func:`lookup_backend`); no host synchronisation."""
         if check:
             self.check_range(gamma)
+        dev = gamma.device
+        if lookup_backend(dev, impl) == "cpp":
+            return torch.ops.duo_fast.ttable_lookup(gamma, self.q(dev), self.dq(dev), self.gamma_min,
+                                                    self.gamma_max, self.vocab_size)[0]
         return _AlphaFunction.apply(gamma, self)
 
     def __repr__(self) -> str:

@@ -1,0 +1,97 @@
+"""Shared benchmark helpers: timing (median of repeats; CUDA events on GPU), peak memory,
+environment header, and the ratio table / JSON output every bench entry prints."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Milliseconds per call: p20, median, p80 over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    return {"p20_ms": q(0.2), "median_ms": statistics.median(times), "p80_ms": q(0.8)}
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before (MB).
+    GPU: the CUDA caching allocator's peak. CPU: tracemalloc does not see torch's allocator,
+    so the CPU figure comes from torch's CPU profiler memory accounting."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Walk the allocation events in order: running sum of bytes, track its maximum.
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    env = {"torch": torch.__version__, "device": str(device), "python": platform.python_version(),
+           "cpu": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """``columns``: (header, key, format)."""
+    cells = [[h for h, _, _ in columns]]
+    for r in rows:
+        cells.append([("" if r.get(k) is None else format(r[k], f)) for _, k, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for j, c in enumerate(cells):
+        print(" | ".join(x.rjust(w) if j else x.ljust(w) for x, w in zip(c, widths)))
+        if j == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
