@@ -13,14 +13,31 @@ from torch import Tensor
 
 from ..reference import per_token
 
-__all__ = ["sample_posterior"]
+__all__ = ["sample_posterior", "nucleus_filter"]
 
 FINAL_MODES = (None, "ancestral", "greedy")
 
 
+def nucleus_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Logits with everything outside the smallest set of mass >= ``top_p`` set to -inf (the
+    most likely id always stays). Needs a sort over the vocabulary. (B, L, K) -> (B, L, K)."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p >= 1:
+        return logits
+    sorted_logits, order = logits.float().sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs                   # mass strictly before each id
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.float().masked_fill(drop, float("-inf"))
+
+
 def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_t: Tensor | float,
-                     generator: torch.Generator | None = None, final: str | None = None) -> Tensor:
-    """Draw ``z_s ~ q(z_s | z_t, softmax(logits))``.
+                     generator: torch.Generator | None = None, final: str | None = None,
+                     top_p: float = 1.0) -> Tensor:
+    """Draw ``z_s ~ q(z_s | z_t, x_theta)`` with ``x_theta = softmax(logits)``, or its nucleus
+    (top-p) renormalisation when ``top_p < 1`` (section 2).
 
     logits: (B, L, K) any float dtype; zt: (B, L) int64; alpha_s >= alpha_t, each (B,), (B, L)
     or a scalar. ``final='ancestral'`` uses ``alpha_s = 1``; ``final='greedy'`` returns
@@ -33,7 +50,7 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
     if final == "greedy":
         return logits.argmax(-1)
     K = logits.shape[-1]
-    logits = logits.float()
+    logits = nucleus_filter(logits, top_p) if top_p < 1 else logits.float()
     a_t = per_token(alpha_t, zt).double()
     a_s = torch.ones_like(a_t) if final == "ancestral" else per_token(alpha_s, zt).double()
     lse = torch.logsumexp(logits, -1)
