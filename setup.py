@@ -1,0 +1,64 @@
+"""Install duo_fast.
+
+* The repository's ``kernels/`` folder is installed as ``duo_fast.kernels``.
+* The C++ extension ``duo_fast._C`` (``csrc/``: the T-table lookup op) is built when torch is
+  importable at build time (``pip install --no-build-isolation``): a CPU extension, plus the
+  CUDA kernel when torch has CUDA and nvcc is found. ``DUO_FAST_SKIP_EXT=1`` skips it (duo_fast
+  then uses the pure-PyTorch lookup and says so once); ``DUO_FAST_SKIP_CUDA=1`` builds CPU only.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("DUO_FAST_SKIP_EXT", "0") != "1":
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("duo_fast: torch is not importable at build time; skipping the C++ extension "
+              "(install with --no-build-isolation to build it)", file=sys.stderr)
+    else:
+        sources = ["csrc/ttable_lookup_cpu.cpp"]
+        cxx = ["-O3", "-std=c++17"]
+        if torch.version.cuda and CUDA_HOME and os.environ.get("DUO_FAST_SKIP_CUDA", "0") != "1":
+            ext = CUDAExtension("duo_fast._C", sources + ["csrc/ttable_lookup_cuda.cpp", "csrc/ttable_lookup_kernel.cu"],
+                                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
+        else:
+            ext = CppExtension("duo_fast._C", sources, extra_compile_args={"cxx": cxx})
+        ext_modules = [ext]
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+setup(
+    name="duo_fast",
+    version="0.1.0",
+    description="Fast training, distillation and sampling of Duo discrete diffusion language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.kernels"],
+    package_dir={"duo_fast": "duo_fast", "duo_fast.kernels": "kernels"},
+    package_data={"duo_fast.data": ["jargon.txt.gz"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.4",            # the GPU machines have 2.11; the Makefile installs 2.13.0 when none is present
+        "triton>=3.1",
+        "numpy",
+        "scipy",
+        "safetensors",
+        "tokenizers",
+        "transformers",
+        "datasets",
+        "huggingface_hub",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "ninja"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["duo-fast=duo_fast.cli:main"]},
+)
