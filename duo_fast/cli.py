@@ -61,6 +61,8 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-removal", choices=["greedy", "ancestral", "none"], default="greedy",
                    help="final step at t_min: argmax (Greedy-Tail), posterior with alpha_s = 1, or nothing")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of x_theta (1.0: off)")
+    p.add_argument("--psi-kappa", default=None,
+                   help="Psi sampler: kappa (one value) or START,END (linear over the steps); 1 is ancestral")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -163,6 +165,18 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return model, info, tokenizer, device
 
 
+def _kappa(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError as e:
+        raise SystemExit(f"duo-fast: --psi-kappa takes KAPPA or START,END, got {text!r}") from e
+    if len(vals) not in (1, 2):
+        raise SystemExit(f"duo-fast: --psi-kappa takes KAPPA or START,END, got {text!r}")
+    return (vals[0], vals[-1])
+
+
 def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: Any) -> tuple[list[dict], dict]:
     from .sampling import SamplerConfig, generate
 
@@ -171,7 +185,8 @@ def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: A
     for i in range(math.ceil(total / args.batch)):
         b = min(args.batch, total - i * args.batch)
         scfg = SamplerConfig(steps=args.steps, batch=b, length=args.length, noise_removal=args.noise_removal,
-                             schedule=args.schedule, top_p=args.top_p, seed=args.seed + i)
+                             schedule=args.schedule, top_p=args.top_p, kappa=_kappa(args.psi_kappa),
+                             seed=args.seed + i)
         ids, stats = generate(model, scfg, device=device, progress=not args.no_progress)
         seconds += stats["seconds"]
         nfe += stats["nfe"]

@@ -10,6 +10,13 @@ import pytest
 import torch
 from scipy import stats
 
+# Without a GPU, the Triton kernels run in the interpreter on CPU tensors. Triton reads this when
+# a kernel module is imported, so it is set here, before any test module imports duo_fast.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _shared_cache(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .posterior import sample_posterior
+from .posterior import sample_posterior, sample_posterior_linear
 from .rb_loss import rb_loss
 
-__all__ = ["rb_loss", "sample_posterior", "backend"]
+__all__ = ["rb_loss", "sample_posterior", "sample_posterior_linear", "backend"]
 
 
 def backend(device: str | torch.device = "cpu") -> dict[str, str]:
     """Which implementation each operator runs on ``device`` (``cpp``, ``torch``, ...)."""
     from ..ttable import lookup_backend
+    from ._dispatch import use_triton
 
-    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": "torch", "sample_posterior": "torch"}
+    probe = torch.empty(0, device=device)
+    sampler = "triton" if use_triton(probe) else "torch"
+    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": "torch", "sample_posterior": sampler}

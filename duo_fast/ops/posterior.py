@@ -1,9 +1,17 @@
-"""Exact posterior sampling as a three-part mixture (duo-math.md section 2), PyTorch path.
+"""Exact posterior sampling as a three-part mixture (duo-math.md section 2).
 
 ``q(z_s | z_t, x_theta)`` is a mixture of "draw from x_theta" (weight ``A = a_s - a_t``),
-"draw uniformly" (``Bu = (1 - a_ts)(1 - a_s)``) and "stay at z_t" (``C = a_t K x_theta[z_t] +
-a_ts - a_t``). Only ``x_theta[z_t]`` needs normalised probabilities; the draw from ``x_theta``
-is a Gumbel-argmax over the logits. No float64 ``B x L x K`` posterior is ever built.
+"draw uniformly" (``Bu = (a_s - a_t)(1 - a_s)/a_s``) and "stay at z_t"
+(``C = a_t K x_theta[z_t] + a_t (1 - a_s)/a_s``): the section's ``(1 - a_ts)(1 - a_s)`` and
+``a_ts - a_t`` without cancellation. Only ``x_theta[z_t]`` needs normalised probabilities; the
+draw from ``x_theta`` is a Gumbel-argmax over the logits. The Psi sampler
+``kappa q + (1 - kappa)(a_s q0 + (1 - a_s)/K)`` (``q0``: the posterior at ``s = 0``) is the same
+three parts with other weights. No float64 ``B x L x K`` posterior is ever built.
+
+Implementations: the Triton kernels of ``duo_fast.kernels.sample_posterior`` (one streaming pass
+over the vocabulary, CUDA tensors or the interpreter) and the PyTorch path below (CPU), which
+works on ``chunk_tokens`` rows at a time so its temporaries stay ``chunk_tokens x K``. They draw
+from the same distribution with different random streams.
 """
 
 from __future__ import annotations
@@ -12,19 +20,20 @@ import torch
 from torch import Tensor
 
 from ..reference import per_token
+from ._dispatch import seed_from, use_triton
 
-__all__ = ["sample_posterior", "nucleus_filter"]
+__all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights"]
 
-FINAL_MODES = (None, "ancestral", "greedy")
+FINAL_MODES = {None: 0, "ancestral": 1, "greedy": 2}
 
 
 def nucleus_filter(logits: Tensor, top_p: float) -> Tensor:
     """Logits with everything outside the smallest set of mass >= ``top_p`` set to -inf (the
-    most likely id always stays). Needs a sort over the vocabulary. (B, L, K) -> (B, L, K)."""
+    most likely id always stays). Needs a sort over the vocabulary. (B, L, K) -> (B, L, K) fp32."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_p >= 1:
-        return logits
+        return logits.float()
     sorted_logits, order = logits.float().sort(-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs                   # mass strictly before each id
@@ -33,35 +42,121 @@ def nucleus_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.float().masked_fill(drop, float("-inf"))
 
 
-def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_t: Tensor | float,
-                     generator: torch.Generator | None = None, final: str | None = None,
-                     top_p: float = 1.0) -> Tensor:
-    """Draw ``z_s ~ q(z_s | z_t, x_theta)`` with ``x_theta = softmax(logits)``, or its nucleus
-    (top-p) renormalisation when ``top_p < 1`` (section 2).
+def mixture_weights(x_i: Tensor, a_s: Tensor, a_t: Tensor, K: int, kappa: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(P(draw from x_theta), P(draw uniformly)); P(stay at z_t) is the rest. Float64 inputs."""
+    A = a_s - a_t
+    Bu = (a_s - a_t) / a_s * (1 - a_s)
+    C = a_t * K * x_i + a_t * (1 - a_s) / a_s
+    Z = A + Bu + C
+    w_model, w_unif = A / Z, Bu / Z
+    if kappa is not None:
+        z0 = (1 - a_t) + a_t * K * x_i
+        w_model = kappa * w_model + (1 - kappa) * a_s * (1 - a_t) / z0
+        w_unif = kappa * w_unif + (1 - kappa) * (1 - a_s)
+    return w_model, w_unif
 
-    logits: (B, L, K) any float dtype; zt: (B, L) int64; alpha_s >= alpha_t, each (B,), (B, L)
-    or a scalar. ``final='ancestral'`` uses ``alpha_s = 1``; ``final='greedy'`` returns
-    ``argmax logits``. Returns (B, L) int64.
-    """
+
+def _check(logits_shape: torch.Size, zt: Tensor, final: str | None) -> None:
     if final not in FINAL_MODES:
-        raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
-    if logits.dim() != 3 or zt.shape != logits.shape[:2]:
-        raise ValueError(f"need logits (B, L, K) and zt (B, L); got {tuple(logits.shape)}, {tuple(zt.shape)}")
-    if final == "greedy":
+        raise ValueError(f"final must be one of {tuple(FINAL_MODES)}, got {final!r}")
+    if len(logits_shape) != 3 or zt.shape != logits_shape[:2]:
+        raise ValueError(f"need (B, L, K) scores and zt (B, L); got {tuple(logits_shape)}, {tuple(zt.shape)}")
+
+
+def _rows(v: Tensor | float | None, zt: Tensor) -> Tensor | None:
+    """A per-sequence, per-token or scalar value as a contiguous float64 (B * L,) row vector."""
+    if v is None:
+        return None
+    return per_token(v, zt).to(device=zt.device, dtype=torch.float64).expand(zt.shape).reshape(-1).contiguous()
+
+
+def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Tensor | None,
+                 generator: torch.Generator | None, final: int) -> Tensor:
+    """One chunk of rows: logits (n, K), zt (n,), a_s/a_t/kappa (n,) float64 -> (n,) int64."""
+    if final == 2:
         return logits.argmax(-1)
     K = logits.shape[-1]
-    logits = nucleus_filter(logits, top_p) if top_p < 1 else logits.float()
-    a_t = per_token(alpha_t, zt).double()
-    a_s = torch.ones_like(a_t) if final == "ancestral" else per_token(alpha_s, zt).double()
+    logits = logits.float()
+    if final == 1:
+        a_s = torch.ones_like(a_t)
     lse = torch.logsumexp(logits, -1)
     x_i = torch.exp(logits.gather(-1, zt[..., None])[..., 0] - lse).double()
-    a_ts = a_t / a_s
-    A = a_s - a_t
-    Bu = (1 - a_ts) * (1 - a_s)
-    C = a_t * K * x_i + a_ts - a_t
-    Z = A + Bu + C
-    u = torch.rand(zt.shape, generator=generator, device=zt.device, dtype=torch.float64) * Z
+    w_model, w_unif = mixture_weights(x_i, a_s, a_t, K, kappa)
+    u = torch.rand(zt.shape, generator=generator, device=zt.device, dtype=torch.float64)
     g = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
     draw_model = (logits - torch.log(-torch.log(g.clamp_min(1e-30)))).argmax(-1)     # Gumbel-max
     draw_uniform = torch.randint(0, K, zt.shape, generator=generator, device=zt.device)
-    return torch.where(u < A, draw_model, torch.where(u < A + Bu, draw_uniform, zt))
+    return torch.where(u < w_model, draw_model, torch.where(u < w_model + w_unif, draw_uniform, zt))
+
+
+def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_t: Tensor | float,
+                     seed: int | None = None, generator: torch.Generator | None = None, final: str | None = None,
+                     top_p: float = 1.0, kappa: Tensor | float | None = None, impl: str = "auto",
+                     chunk_tokens: int = 256) -> Tensor:
+    """Draw ``z_s ~ q(z_s | z_t, x_theta)``, ``x_theta = softmax(logits)`` (its nucleus
+    renormalisation when ``top_p < 1``; the Psi mixture when ``kappa`` is given).
+
+    logits: (B, L, K) fp32/bf16/fp16; zt: (B, L) int64; alpha_s >= alpha_t and kappa: (B,),
+    (B, L) or scalars. ``final='ancestral'`` uses ``alpha_s = 1``; ``final='greedy'`` returns
+    ``argmax logits``. Randomness: ``generator`` (PyTorch path) or ``seed`` (Triton kernels; drawn
+    from ``generator`` when not given). Returns (B, L) int64.
+    """
+    _check(logits.shape, zt, final)
+    mode = FINAL_MODES[final]
+    if top_p < 1 and mode != 2:
+        logits = nucleus_filter(logits, top_p)
+    B, L, K = logits.shape
+    a_s, a_t, kap = _rows(alpha_s, zt), _rows(alpha_t, zt), _rows(kappa, zt)
+    if use_triton(logits, impl):
+        from ..kernels.sample_posterior import sample_posterior_fwd
+
+        out = sample_posterior_fwd(logits.reshape(B * L, K).contiguous(), zt.reshape(-1).contiguous(), a_s, a_t, kap,
+                                   seed_from(seed, generator), mode)
+        return out.view(B, L)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=logits.device).manual_seed(int(seed))
+    flat = logits.reshape(B * L, K)
+    return _chunked(lambda s, e: flat[s:e], zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
+
+
+def _chunked(logits_of, zt: Tensor, a_s: Tensor, a_t: Tensor, kap: Tensor | None, generator: torch.Generator | None,
+             mode: int, chunk_tokens: int) -> Tensor:
+    """The PyTorch path over ``chunk_tokens`` rows at a time: at most ``chunk_tokens x K``
+    temporaries, never ``B x L x K``. ``logits_of(start, end)`` gives the rows' logits."""
+    flat_z = zt.reshape(-1)
+    out = torch.empty_like(flat_z)
+    for s in range(0, flat_z.numel(), chunk_tokens):
+        e = min(flat_z.numel(), s + chunk_tokens)
+        out[s:e] = _sample_rows(logits_of(s, e), flat_z[s:e], a_s[s:e], a_t[s:e], None if kap is None else kap[s:e],
+                                generator, mode)
+    return out
+
+
+def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, alpha_s: Tensor | float,
+                            alpha_t: Tensor | float, seed: int | None = None, generator: torch.Generator | None = None,
+                            final: str | None = None, kappa: Tensor | float | None = None, impl: str = "auto",
+                            chunk_tokens: int = 256) -> Tensor:
+    """:func:`sample_posterior` of ``logits = h @ weight.T + bias`` without writing the logits:
+    the Triton kernel computes them per vocabulary chunk (tensor cores on GPU); the PyTorch path
+    computes ``chunk_tokens x K`` at a time. h: (B, L, D); weight: (K, D); bias: (K,) or None."""
+    if h.dim() != 3 or weight.dim() != 2 or h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"need h (B, L, D) and weight (K, D); got {tuple(h.shape)}, {tuple(weight.shape)}")
+    B, L, D = h.shape
+    K = weight.shape[0]
+    _check(torch.Size((B, L, K)), zt, final)
+    mode = FINAL_MODES[final]
+    a_s, a_t, kap = _rows(alpha_s, zt), _rows(alpha_t, zt), _rows(kappa, zt)
+    if use_triton(h, impl):
+        from ..kernels.sample_posterior import sample_posterior_linear_fwd
+
+        w = weight.to(h.dtype).contiguous()
+        b = None if bias is None else bias.to(h.dtype).contiguous()
+        out = sample_posterior_linear_fwd(h.reshape(B * L, D).contiguous(), w, b, zt.reshape(-1).contiguous(), a_s,
+                                          a_t, kap, seed_from(seed, generator), mode)
+        return out.view(B, L)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=h.device).manual_seed(int(seed))
+    flat_h = h.reshape(B * L, D)
+    w, b = weight.float(), None if bias is None else bias.float()
+    return _chunked(lambda s, e: torch.nn.functional.linear(flat_h[s:e].float(), w, b), zt, a_s, a_t, kap, generator,
+                    mode, chunk_tokens).view(B, L)

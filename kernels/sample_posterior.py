@@ -1,0 +1,250 @@
+"""Triton kernels: exact one-pass posterior sampling (duo-math.md section 2).
+
+For each token (a row of the logits), one streaming pass over the vocabulary keeps an online
+log-sum-exp, a Gumbel-argmax of ``logits + g`` (a draw from ``x_theta``) and the logit at
+``z_t``. The posterior is then the mixture "draw from x_theta" / "draw uniformly" / "stay at
+z_t" with weights ``A = a_s - a_t``, ``Bu = (a_s - a_t)(1 - a_s)/a_s`` and
+``C = a_t K x_theta[z_t] + a_t (1 - a_s)/a_s`` (the section's ``1 - a_ts`` and ``a_ts - a_t``
+rewritten without cancellation), evaluated in float64. The Psi sampler mixes in
+``a_s q0 + (1 - a_s)/K`` with ``q0`` the posterior at ``s = 0``: the same three parts with other
+weights. No ``B x L x K`` temporary exists.
+
+Randomness: Philox keyed by ``seed``, counters ``(vocab index, row, stream, 0)``: the Gumbel
+noise of a (row, vocab index) is the same whatever the block sizes, so the fused-linear kernel
+draws exactly what the logits kernel draws. The mixture uniform has 53 bits; the uniform id
+uses ``(r * K) >> 32`` (relative bias at most ``K / 2^32``).
+
+``FINAL``: 0 posterior at ``(a_s, a_t)``, 1 ancestral final step (``a_s = 1``), 2 greedy
+(``argmax logits``). This module never imports duo_fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "logits_blocks", "linear_blocks"]
+
+_GUMBEL_STREAM = 0
+_MIX_STREAM = 1
+
+
+@triton.jit
+def _uniform23(r):
+    """uint32 -> float32 uniform in the open interval (0, 1): 23 bits, so that the largest value,
+    1 - 2^-24, is representable (24 bits would round 1 - 2^-25 up to 1.0, making log(-log u)
+    infinite)."""
+    return ((r >> 9).to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.constexpr, USE_PSI: tl.constexpr):
+    """Pick among (best: a draw from x_theta, a uniform id, zt) with the posterior's weights.
+    x_i, a_s, a_t, kappa: float64 per row; best, zt, row: int32 per row."""
+    Kf = K.to(tl.float64)
+    if FINAL == 1:
+        a_s = a_s * 0.0 + 1.0
+    A = a_s - a_t
+    Bu = (a_s - a_t) / a_s * (1.0 - a_s)
+    C = a_t * Kf * x_i + a_t * (1.0 - a_s) / a_s
+    Z = A + Bu + C
+    w_model = A / Z
+    w_unif = Bu / Z
+    if USE_PSI:
+        z0 = (1.0 - a_t) + a_t * Kf * x_i            # normaliser of q0 (the posterior at s = 0)
+        w_model = kappa * w_model + (1.0 - kappa) * a_s * (1.0 - a_t) / z0
+        w_unif = kappa * w_unif + (1.0 - kappa) * (1.0 - a_s)
+    zero = row * 0
+    r0, r1, r2, _ = tl.philox(seed, zero, row, zero + 1, zero)      # stream 1: per-row draws
+    hi = (r0 >> 5).to(tl.int64)                                     # 27 bits
+    lo = (r1 >> 6).to(tl.int64)                                     # 26 bits
+    u = ((hi * 67108864 + lo).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    uni = ((r2.to(tl.uint64) * K.to(tl.uint64)) >> 32).to(tl.int32)
+    return tl.where(u < w_model, best, tl.where(u < w_model + w_unif, uni, zt))
+
+
+@triton.jit
+def _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed, FINAL: tl.constexpr):
+    """Fold one (rows, vocabulary chunk) tile of logits into the per-row running state:
+    online log-sum-exp (m_i, s_i), Gumbel-argmax (best_v, best_i; plain argmax when greedy)
+    and the logit at z_t (l_i). logit: (BLOCK_M, BLOCK_K) float32 with -inf outside the vocabulary."""
+    m_new = tl.maximum(m_i, tl.max(logit, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows still all -inf (nucleus-filtered)
+    s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(logit - m_ref[:, None]), 1)
+    if FINAL == 2:
+        score = logit
+    else:
+        c0 = cols[None, :] + rows[:, None] * 0
+        c1 = rows[:, None] + cols[None, :] * 0
+        r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)          # stream 0: Gumbel noise
+        score = logit - tl.log(-tl.log(_uniform23(r)))
+    blk_v = tl.max(score, 1)
+    blk_i = tl.argmax(score, 1).to(tl.int32) + tl.min(cols, 0)
+    take = blk_v > best_v
+    best_i = tl.where(take, blk_i, best_i)
+    best_v = tl.where(take, blk_v, best_v)
+    l_i += tl.sum(tl.where(cols[None, :] == zt[:, None], logit, 0.0), 1)
+    return m_new, s_i, best_v, best_i, l_i
+
+
+@triton.jit
+def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K,
+            FINAL: tl.constexpr, USE_PSI: tl.constexpr):
+    if FINAL == 2:
+        out = best_i
+    else:
+        x_i = tl.exp(l_i - (m_i + tl.log(s_i))).to(tl.float64)       # x_theta[z_t]
+        a_t = tl.load(a_t_ptr + rows, mask=rmask, other=0.5)
+        a_s = tl.load(a_s_ptr + rows, mask=rmask, other=1.0)
+        kappa = a_t
+        if USE_PSI:
+            kappa = tl.load(kappa_ptr + rows, mask=rmask, other=1.0)
+        out = _mixture_choice(best_i, zt, x_i, a_s, a_t, kappa, rows, seed, K, FINAL, USE_PSI)
+    tl.store(out_ptr + rows, out.to(tl.int64), mask=rmask)
+
+
+@triton.jit
+def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, N, K, seed,
+                             FINAL: tl.constexpr, USE_PSI: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
+    zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_M,), tl.float32)
+    best_v = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    best_i = tl.zeros((BLOCK_M,), tl.int32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        logit = tl.where(cmask[None, :], raw, float("-inf"))
+        m_i, s_i, best_v, best_i, l_i = _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
+                                                       FINAL)
+    _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
+
+
+@triton.jit
+def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr,
+                                    out_ptr, N, K, D, seed, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
+                                    USE_PSI: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_N,), tl.float32)
+    best_v = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best_i = tl.zeros((BLOCK_N,), tl.int32)
+    l_i = tl.zeros((BLOCK_N,), tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for d0 in range(0, D, BLOCK_D):                                 # logits tile = h @ W_chunk^T
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            hb = tl.load(h_rows + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            wb = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dd[None, :],
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(hb, tl.trans(wb), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(hb, tl.trans(wb), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        logit = tl.where(cmask[None, :], acc, float("-inf"))
+        m_i, s_i, best_v, best_i, l_i = _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
+                                                       FINAL)
+    _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def logits_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
+    """(BLOCK_M rows, BLOCK_K vocabulary chunk) of the logits kernel: tiles of about 8k elements
+    on a GPU. The interpreter (TRITON_INTERPRET=1) runs programs one after another in Python,
+    so there it gets tiles of 64k elements (fewer programs, same results: the noise is keyed
+    by row and vocabulary index, not by tile)."""
+    if interpret is None:
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    block_k = min(2048, triton.next_power_of_2(max(K, 16)))
+    if interpret:
+        return max(1, min(1024, 65536 // block_k)), block_k
+    return max(1, min(64, 8192 // block_k)), block_k
+
+
+def linear_blocks(N: int, K: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D) of the fused-linear kernel (tensor-core friendly, >= 16)."""
+    block_n = 64 if N >= 64 else 16
+    block_k = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
+    block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    return block_n, block_k, block_d
+
+
+def _check_rows(zt: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor, kappa: torch.Tensor | None, N: int) -> None:
+    for name, t in (("zt", zt), ("a_s", a_s), ("a_t", a_t)) + ((("kappa", kappa),) if kappa is not None else ()):
+        if t.shape != (N,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with shape ({N},), got {tuple(t.shape)}")
+    if a_s.dtype != torch.float64 or a_t.dtype != torch.float64 or (kappa is not None and kappa.dtype != torch.float64):
+        raise ValueError("a_s, a_t and kappa must be float64")
+
+
+def sample_posterior_fwd(logits: torch.Tensor, zt: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor,
+                         kappa: torch.Tensor | None, seed: int, final: int,
+                         blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """logits (N, K) fp32/bf16/fp16 with unit stride along K; zt (N,) int64; a_s, a_t, kappa
+    (N,) float64; ``blocks`` overrides (BLOCK_M, BLOCK_K). Returns z_s (N,) int64."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be 2-d with unit stride along the vocabulary")
+    N, K = logits.shape
+    _check_rows(zt, a_s, a_t, kappa, N)
+    out = torch.empty(N, dtype=torch.int64, device=logits.device)
+    if N == 0:
+        return out
+    block_m, block_k = blocks or logits_blocks(K)
+    _sample_posterior_kernel[(triton.cdiv(N, block_m),)](
+        logits, logits.stride(0), zt, a_s, a_t, kappa if kappa is not None else a_t, out, N, K, seed, FINAL=final,
+        USE_PSI=kappa is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+    return out
+
+
+def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, zt: torch.Tensor,
+                                a_s: torch.Tensor, a_t: torch.Tensor, kappa: torch.Tensor | None, seed: int,
+                                final: int) -> torch.Tensor:
+    """h (N, D), weight (K, D), bias (K,) or None, same dtype (fp32 uses IEEE fp32 dots, bf16/fp16
+    tensor cores with fp32 accumulation). Returns z_s (N,) int64."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"need h (N, D) and weight (K, D), got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if h.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("h and weight need unit stride along D")
+    if h.dtype != weight.dtype:
+        raise ValueError(f"h is {h.dtype} but weight is {weight.dtype}")
+    N, D = h.shape
+    K = weight.shape[0]
+    if bias is not None and bias.shape != (K,):
+        raise ValueError(f"bias must be ({K},), got {tuple(bias.shape)}")
+    _check_rows(zt, a_s, a_t, kappa, N)
+    out = torch.empty(N, dtype=torch.int64, device=h.device)
+    if N == 0:
+        return out
+    if os.environ.get("TRITON_INTERPRET") == "1" and h.dtype != torch.float32:
+        # Triton 3.9's interpreter gets tl.dot wrong on bf16/fp16 inputs. bf16/fp16 products are
+        # exact in fp32 and the GPU's tensor-core dot accumulates in fp32, so an fp32 IEEE dot of
+        # the upcast inputs computes the same logits (up to summation order).
+        h, weight = h.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    bn, bk, bd = linear_blocks(N, K, D)
+    _sample_posterior_linear_kernel[(triton.cdiv(N, bn),)](
+        h, h.stride(0), weight, weight.stride(0), bias if bias is not None else weight, zt, a_s, a_t,
+        kappa if kappa is not None else a_t, out, N, K, D, seed, HAS_BIAS=bias is not None, FINAL=final,
+        USE_PSI=kappa is not None, IEEE=h.dtype == torch.float32, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
+    return out
