@@ -228,6 +228,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
           f"K={K}, L={L}, batch={B}, {tr.train_blocks.shape[0]} train / {tr.val_blocks.shape[0]} val blocks, "
           f"device={tr.device}, curriculum for {min(cfg.curriculum_end, cfg.steps)} of {cfg.steps} steps")
     val_start = tr.validate(tr.model)
+    val_curriculum = None
     losses: dict[str, list[float]] = {"curriculum": [], "discrete": []}
     phase_tokens = {"curriculum": 0, "discrete": 0}
     phase_seconds = {"curriculum": 0.0, "discrete": 0.0}
@@ -246,6 +247,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise FloatingPointError(f"loss is {loss} at step {step}")
         losses[phase].append(loss)
         bar.set_postfix(loss=f"{loss:.3f}", phase=phase[:5])
+        if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
+            val_curriculum = tr.validate()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             rec = {"step": step, "loss": loss, "grad_norm": gn, "lr": tr.sched.get_last_lr()[0], "phase": phase,
                    "tau": tau_at(cfg, step) if phase == "curriculum" else None}
@@ -260,16 +263,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             n = max(1, min(20, len(v) // 4))
             phases[k] = {"steps": len(v), "loss_first": sum(v[:n]) / n, "loss_last": sum(v[-n:]) / n, "window": n}
     summary = {
-        "train_loss": phases, "val_nelbo_start": val_start, "val_nelbo_end": val_end,
+        "train_loss": phases, "val_nelbo_start": val_start, "val_nelbo_after_curriculum": val_curriculum,
+        "val_nelbo_end": val_end,
         "val_ppl_bound_end": math.exp(min(val_end, 50.0)),
         "tokens_per_s": {k: phase_tokens[k] / phase_seconds[k] for k in phase_tokens if phase_seconds[k] > 0},
         "export": str(export), "config": dataclasses.asdict(cfg),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for k, v in phases.items():
-        print(f"train loss, {k} phase ({v['steps']} steps; mean of {v['window']}): "
+        print(f"train loss, {k} phase ({v['steps']} steps; mean of {v['window']}, noisy: one t per sequence): "
               f"start {v['loss_first']:.4f} -> end {v['loss_last']:.4f}")
-    print(f"validation NELBO (discrete loss, nats/token, fixed seed): start {val_start:.4f} -> end {val_end:.4f} "
+    mid = f" -> after the curriculum {val_curriculum:.4f}" if val_curriculum is not None else ""
+    print(f"validation NELBO (discrete loss, nats/token, fixed seed): start {val_start:.4f}{mid} -> end {val_end:.4f} "
           f"(perplexity bound {summary['val_ppl_bound_end']:.1f})")
     for k, v in summary["tokens_per_s"].items():
         print(f"training throughput, {k} phase: {v:,.0f} tokens/s")

@@ -33,8 +33,9 @@ def _sample_posterior_configs() -> list[tuple[str, str, dict[str, str], dict[str
     # logits kernel: every (BLOCK_M, BLOCK_K) logits_blocks() returns, plus every flag at the largest.
     blocks = sorted({sp.logits_blocks(K, interpret=False) for K in [2**i for i in range(1, 17)]})
     flag_sets = [(0, False, "fp32")] + [(f, p, "bf16") for f in (0, 1, 2) for p in (False, True)] + [(0, True, "fp16")]
+    production = sp.logits_blocks(50257, interpret=False)          # GPT-2 vocabulary: every flag there
     for bm, bk in blocks:
-        for final, psi, dt in (flag_sets if (bm, bk) == blocks[-1] else flag_sets[:1]):
+        for final, psi, dt in (flag_sets if (bm, bk) == production else flag_sets[:1]):
             sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "zt_ptr": "*i64", "a_s_ptr": "*fp64", "a_t_ptr": "*fp64",
                    "kappa_ptr": "*fp64", "out_ptr": "*i64", "N": "i32", "K": "i32", "seed": "i64",
                    "FINAL": "constexpr", "USE_PSI": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
@@ -42,11 +43,13 @@ def _sample_posterior_configs() -> list[tuple[str, str, dict[str, str], dict[str
             out.append(("_sample_posterior_kernel", f"{dt} M={bm} K={bk} final={final} psi={int(psi)}", sig, const,
                         8 if bk >= 2048 else 4))
     # fused-linear kernel: every (BLOCK_N, BLOCK_K, BLOCK_D) linear_blocks() returns, flags at the largest.
-    lblocks = sorted({sp.linear_blocks(N, K, D) for N in (1, 64) for K in (2, 20, 40, 70, 128) for D in (2, 20, 40, 64)})
+    lblocks = sorted({sp.linear_blocks(N, K, D, interpret=False) for N in (1, 64) for K in (2, 20, 40, 70, 128)
+                      for D in (2, 20, 40, 64)})
     lflags = ([(0, False, True, "fp32")] + [(f, p, True, "bf16") for f in (0, 1, 2) for p in (False, True)]
               + [(0, True, False, "fp16")])
+    lproduction = sp.linear_blocks(65536, 50257, 768, interpret=False)
     for bn, bk, bd in lblocks:
-        for final, psi, bias, dt in (lflags if (bn, bk, bd) == lblocks[-1] else lflags[:1]):
+        for final, psi, bias, dt in (lflags if (bn, bk, bd) == lproduction else lflags[:1]):
             sig = {"h_ptr": _PTR[dt], "stride_hn": "i64", "w_ptr": _PTR[dt], "stride_wk": "i64", "b_ptr": _PTR[dt],
                    "zt_ptr": "*i64", "a_s_ptr": "*fp64", "a_t_ptr": "*fp64", "kappa_ptr": "*fp64", "out_ptr": "*i64",
                    "N": "i32", "K": "i32", "D": "i32", "seed": "i64", "HAS_BIAS": "constexpr", "FINAL": "constexpr",

@@ -67,6 +67,13 @@ def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.cons
 
 
 @triton.jit
+def _initial_state(BLOCK: tl.constexpr):
+    """Running state of BLOCK rows: (max, sum of exp, best score, best id, logit at z_t)."""
+    return (tl.full((BLOCK,), float("-inf"), tl.float32), tl.zeros((BLOCK,), tl.float32),
+            tl.full((BLOCK,), float("-inf"), tl.float32), tl.zeros((BLOCK,), tl.int32), tl.zeros((BLOCK,), tl.float32))
+
+
+@triton.jit
 def _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed, FINAL: tl.constexpr):
     """Fold one (rows, vocabulary chunk) tile of logits into the per-row running state:
     online log-sum-exp (m_i, s_i), Gumbel-argmax (best_v, best_i; plain argmax when greedy)
@@ -114,11 +121,7 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
     rmask = rows < N
     base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    s_i = tl.zeros((BLOCK_M,), tl.float32)
-    best_v = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    best_i = tl.zeros((BLOCK_M,), tl.int32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    m_i, s_i, best_v, best_i, l_i = _initial_state(BLOCK_M)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
@@ -137,11 +140,7 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
-    m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_i = tl.zeros((BLOCK_N,), tl.float32)
-    best_v = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    best_i = tl.zeros((BLOCK_N,), tl.int32)
-    l_i = tl.zeros((BLOCK_N,), tl.float32)
+    m_i, s_i, best_v, best_i, l_i = _initial_state(BLOCK_N)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -176,17 +175,24 @@ def logits_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
     by row and vocabulary index, not by tile)."""
     if interpret is None:
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block_k = min(2048, triton.next_power_of_2(max(K, 16)))
     if interpret:
+        block_k = min(2048, triton.next_power_of_2(max(K, 16)))
         return max(1, min(1024, 65536 // block_k)), block_k
+    # a small menu of GPU configurations (each one is compiled and checked for sm_90 in CI)
+    block_k = 2048 if K >= 2048 else 1024 if K >= 512 else 128 if K >= 64 else 16
     return max(1, min(64, 8192 // block_k)), block_k
 
 
-def linear_blocks(N: int, K: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_D) of the fused-linear kernel (tensor-core friendly, >= 16)."""
+def linear_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D) of the fused-linear kernel (tensor-core friendly, >= 16); the
+    interpreter gets large tiles, as in :func:`logits_blocks`."""
+    if interpret is None:
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret:
+        return 256, min(256, triton.next_power_of_2(max(K, 16))), min(128, triton.next_power_of_2(max(D, 16)))
     block_n = 64 if N >= 64 else 16
-    block_k = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
-    block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    block_k = 128 if K >= 128 else 16
+    block_d = 64 if D >= 64 else 16
     return block_n, block_k, block_d
 
 

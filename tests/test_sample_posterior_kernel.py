@@ -32,9 +32,11 @@ def _exact_linear_inputs(N, K, D, dtype):
     return h.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
 
 
-@pytest.mark.parametrize("N,K,D", [(50, 37, 20), (70, 130, 40), (16, 7, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("final,psi,bias", [(0, False, True), (1, False, False), (2, False, True), (0, True, True)])
+# every shape, dtype and flag appears (not the full cross product, to keep the interpreter time down)
+@pytest.mark.parametrize("N,K,D,dtype,final,psi,bias", [
+    (50, 37, 20, torch.float32, 0, False, True), (70, 130, 40, torch.bfloat16, 0, True, True),
+    (16, 7, 64, torch.float32, 2, False, True), (50, 37, 20, torch.bfloat16, 1, False, False),
+    (70, 130, 40, torch.float32, 1, True, False), (16, 7, 64, torch.bfloat16, 2, False, True)])
 def test_linear_kernel_equals_logits_kernel(N, K, D, dtype, final, psi, bias):
     h, w, b = _exact_linear_inputs(N, K, D, dtype)
     logits = (h.float() @ w.float().T + (b.float() if bias else 0)).contiguous()
@@ -55,7 +57,7 @@ def test_results_do_not_depend_on_block_sizes(K):
     zt = torch.randint(0, K, (N,), device=DEVICE)
     a_s, a_t = _rows(N)
     base = sample_posterior_fwd(logits, zt, a_s, a_t, None, 7, 0)
-    for blocks in [(1, 16), (4, 64), (16, 1024)]:
+    for blocks in ([(1, 16)] if K <= 300 else []) + [(4, 64), (16, 1024)]:
         assert torch.equal(sample_posterior_fwd(logits, zt, a_s, a_t, None, 7, 0, blocks=blocks), base), blocks
 
 
