@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from .data import load_text_documents, special_ids, tokenize_documents, wrap_blocks
+from .data import blocks_from_documents, load_text_documents
 from .model import DiT
 from .ops import rb_loss
 
@@ -146,8 +146,7 @@ def eval_blocks(name: str, tokenizer: Any, length: int, max_docs: int | None = N
     docs = eval_documents(name)
     if max_docs:
         docs = docs[:max_docs]
-    bos, eos = special_ids(tokenizer)
-    return wrap_blocks(tokenize_documents(tokenizer, docs), length, bos, eos)
+    return blocks_from_documents(tokenizer, docs, length)
 
 
 def unigram_entropy(samples: Sequence[Sequence[int]]) -> float:

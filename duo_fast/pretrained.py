@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint import PREFIX
 from .model import PRESETS, DiT, DiTConfig
 
 __all__ = ["load_pretrained", "PretrainedInfo", "CheckpointError", "load_pickle_checkpoint"]
-
-PREFIX = "backbone."
 
 
 class CheckpointError(ValueError):

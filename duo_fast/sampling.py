@@ -75,8 +75,8 @@ def generate(model: DiT, cfg: SamplerConfig, device: torch.device | str | None =
     kappas = (None if cfg.kappa is None else
               torch.linspace(cfg.kappa[0], cfg.kappa[1], cfg.steps, dtype=torch.float64).tolist())
     schedule = SCHEDULES[cfg.schedule]
-    ts = torch.linspace(1.0, cfg.t_min, cfg.steps + 1, dtype=torch.float64, device=device)
-    alphas = schedule(ts)[0]
+    # The grid is a handful of floats: computed on the CPU, so no step synchronises with the device.
+    alphas = schedule(torch.linspace(1.0, cfg.t_min, cfg.steps + 1, dtype=torch.float64))[0].tolist()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def generate(model: DiT, cfg: SamplerConfig, device: torch.device | str | None =
     nfe = 0
     for i in tqdm(range(cfg.steps), disable=not progress, desc="sample", leave=False, dynamic_ncols=True):
         a_t, a_s = alphas[i], alphas[i + 1]
-        sigma = torch.full((cfg.batch,), -math.log(float(a_t)), device=device)
+        sigma = torch.full((cfg.batch,), -math.log(a_t), device=device)
         logits = model(z, sigma)
         nfe += 1
         if step_fn is not None:
@@ -93,7 +93,7 @@ def generate(model: DiT, cfg: SamplerConfig, device: torch.device | str | None =
             z = sample_posterior(logits, z, a_s, a_t, seed=seeds[i], generator=gen, top_p=cfg.top_p,
                                  kappa=None if kappas is None else kappas[i])
     if cfg.noise_removal != "none":
-        sigma = torch.full((cfg.batch,), -math.log(float(alphas[-1])), device=device)
+        sigma = torch.full((cfg.batch,), -math.log(alphas[-1]), device=device)
         logits = model(z, sigma)
         nfe += 1
         z = sample_posterior(logits, z, 1.0, alphas[-1], seed=seeds[-1], generator=gen, final=cfg.noise_removal,

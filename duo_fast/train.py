@@ -24,7 +24,8 @@ from torch import Tensor
 
 from . import reference as ref
 from .checkpoint import save_hf_folder
-from .data import get_tokenizer, load_text_documents, special_ids, tokenize_documents, wrap_blocks
+from .data import blocks_from_documents, get_tokenizer, load_text_documents
+from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss
 from .ttable import TTable
@@ -119,12 +120,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_vocab)
-        bos, eos = special_ids(self.tokenizer)
         K = len(self.tokenizer)
-        self.train_blocks = wrap_blocks(tokenize_documents(self.tokenizer, load_text_documents(cfg.dataset, "train")),
-                                        cfg.length, bos, eos)
-        self.val_blocks = wrap_blocks(tokenize_documents(self.tokenizer, load_text_documents(cfg.dataset, "validation")),
-                                      cfg.length, bos, eos)
+        self.train_blocks = blocks_from_documents(self.tokenizer, load_text_documents(cfg.dataset, "train"), cfg.length)
+        self.val_blocks = blocks_from_documents(self.tokenizer, load_text_documents(cfg.dataset, "validation"),
+                                                cfg.length)
         self.model = DiT(DiTConfig.from_name(cfg.model, vocab_size=K, model_length=cfg.length,
                                              dropout=cfg.dropout)).to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval() if cfg.ema > 0 else None
@@ -165,8 +164,8 @@ class Trainer:
         cfg = self.cfg
         B = x0.shape[0]
         K = self.vocab_size
-        t = ref.stratified_times(B, generator=self.gen, device=self.device, dtype=torch.float64)
         if self.in_curriculum(step) and not discrete:
+            t = ref.stratified_times(B, generator=self.gen, device=self.device, dtype=torch.float64)
             gamma = cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
             alpha, dT = self.ttable.alpha_and_derivative(gamma)
             dalpha = (cfg.gamma_max - cfg.gamma_min) * dT
@@ -174,8 +173,7 @@ class Trainer:
             h0, zt = ref.relaxed_embedding_ref(x0, gamma.float(), tau_at(cfg, step), model.vocab_embed.embedding, eps=eps)
             logits = model(None, (-torch.log(alpha)).float(), inputs_embeds=h0)
         else:
-            alpha, dalpha = ref.alpha_loglinear(t)
-            zt = ref.sample_qt(x0, alpha, K, generator=self.gen)
+            zt, alpha, dalpha = discrete_nelbo_draws(x0, K, self.gen)
             logits = model(zt, (-torch.log(alpha)).float())
         return rb_loss(logits, zt, x0, alpha, dalpha).mean()
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 __all__ = ["bundled_documents", "bundled_corpus_path", "get_tokenizer", "train_bpe_tokenizer",
-           "load_text_documents", "wrap_blocks", "tokenize_documents", "special_ids", "BlockDataset"]
+           "load_text_documents", "wrap_blocks", "tokenize_documents", "special_ids", "blocks_from_documents",
+           "BlockDataset"]
 
 _HERE = Path(__file__).resolve().parent
 BOS, EOS, PAD, UNK = "[BOS]", "[EOS]", "[PAD]", "[UNK]"
@@ -100,6 +101,12 @@ def tokenize_documents(tokenizer: Any, documents: Sequence[str], batch_size: int
         enc = tokenizer(list(documents[i:i + batch_size]), add_special_tokens=False)["input_ids"]
         out.extend(enc)
     return out
+
+
+def blocks_from_documents(tokenizer: Any, documents: Sequence[str], length: int) -> torch.Tensor:
+    """Tokenise ``documents`` and wrap them into (N, length) blocks with the tokenizer's BOS/EOS."""
+    bos, eos = special_ids(tokenizer)
+    return wrap_blocks(tokenize_documents(tokenizer, documents), length, bos, eos)
 
 
 def wrap_blocks(token_lists: Iterable[Sequence[int]], length: int, bos_id: int, eos_id: int) -> torch.Tensor:
