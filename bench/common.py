@@ -55,11 +55,15 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Walk the allocation events in order: running sum of bytes, track its maximum.
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Every allocation and free is a "[memory]" record with a timestamp and a signed size; walk
+    # them in time order and track the running total's maximum. (The per-op aggregates of
+    # prof.events() attribute frees to enclosing ops and cannot be ordered in time.)
+    records = sorted((e for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.start_ns())
     cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage
+    for e in records:
+        cur += e.nbytes()
         peak = max(peak, cur)
     return peak / 2**20
 

@@ -27,7 +27,7 @@ from .checkpoint import save_hf_folder
 from .data import blocks_from_documents, get_tokenizer, load_text_documents
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
-from .ops import rb_loss
+from .ops import rb_loss, rb_loss_linear
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "tau_at", "resolve_device"]
@@ -64,6 +64,9 @@ class TrainConfig:
     gamma_max: float = _f(-1.85, "curriculum gamma at t = 1 (most noise)")
     seed: int = _f(0, "random seed (data order, noise, initialisation)")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda[:N]")
+    fused_loss: bool = _f(True, "loss fused with the output projection (rb_loss_linear: no B x L x K logits); "
+                                "false: logits, then rb_loss")
+    check_every: int = _f(100, "every N steps the loss is checked for NaN/inf in the logits (one host sync; 0: never)")
     log_every: int = _f(25, "steps between log lines in the JSONL log")
     val_batches: int = _f(4, "validation batches for the NELBO before and after training")
     out: str = _f("runs/duo", "output folder: log.jsonl, export/ (HF layout) and summary.json")
@@ -171,11 +174,19 @@ class Trainer:
             dalpha = (cfg.gamma_max - cfg.gamma_min) * dT
             eps = torch.randn((*x0.shape, K), generator=self.gen, device=self.device)
             h0, zt = ref.relaxed_embedding_ref(x0, gamma.float(), tau_at(cfg, step), model.vocab_embed.embedding, eps=eps)
-            logits = model(None, (-torch.log(alpha)).float(), inputs_embeds=h0)
+            inputs, embeds = None, h0
         else:
             zt, alpha, dalpha = discrete_nelbo_draws(x0, K, self.gen)
-            logits = model(zt, (-torch.log(alpha)).float())
-        return rb_loss(logits, zt, x0, alpha, dalpha).mean()
+            inputs, embeds = zt, None
+        sigma = (-torch.log(alpha)).float()
+        check = cfg.check_every > 0 and step % cfg.check_every == 0
+        if not cfg.fused_loss:
+            return rb_loss(model(inputs, sigma, inputs_embeds=embeds), zt, x0, alpha, dalpha, check=check).mean()
+        h = model(inputs, sigma, inputs_embeds=embeds, return_hidden=True)
+        if h.is_cuda and model.autocast:
+            h = h.to(torch.bfloat16)                    # the projection runs in bf16 as under autocast
+        lin = model.output_layer.linear
+        return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha, check=check).mean()
 
     def step(self, x0: Tensor, step: int) -> tuple[float, float]:
         self.model.train()

@@ -62,9 +62,30 @@ def _sample_posterior_configs() -> list[tuple[str, str, dict[str, str], dict[str
     return out
 
 
+def _rb_loss_configs() -> list[tuple[str, str, dict[str, str], dict[str, Any], int]]:
+    """Every (BLOCK_M, BLOCK_K) of kernels/rb_loss.py's launchers, in fp32, bf16 and fp16."""
+    from . import rb_loss as rb
+
+    out = []
+    ks = [2**i for i in range(1, 17)]
+    for bm, bk in sorted({rb.stats_blocks(K, interpret=False) for K in ks}):
+        for dt in ("fp32", "bf16", "fp16"):
+            sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "zt_ptr": "*i64", "x0_ptr": "*i64", "beta_ptr": "*fp32",
+                   "stats_ptr": "*fp32", "N": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+            out.append(("_rb_stats_kernel", f"{dt} M={bm} K={bk}", sig, {"BLOCK_M": bm, "BLOCK_K": bk}, 8))
+    for bm, bk in sorted({rb.grad_blocks(K, interpret=False) for K in ks}):
+        for dt in ("fp32", "bf16", "fp16"):
+            sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "grad_ptr": _PTR[dt], "stride_gn": "i64",
+                   "zt_ptr": "*i64", "x0_ptr": "*i64", "beta_ptr": "*fp32", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
+                   "N": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+            out.append(("_rb_grad_kernel", f"{dt} M={bm} K={bk}", sig, {"BLOCK_M": bm, "BLOCK_K": bk}, 4))
+    return out
+
+
 def configurations() -> list[tuple[str, str, str, dict[str, str], dict[str, Any], int]]:
     """(module, kernel, label, signature, constexprs, num_warps) of every kernel configuration."""
-    return [("sample_posterior", *c) for c in _sample_posterior_configs()]
+    return ([("sample_posterior", *c) for c in _sample_posterior_configs()]
+            + [("rb_loss", *c) for c in _rb_loss_configs()])
 
 
 def _resources(cubin: bytes) -> dict[str, int]:

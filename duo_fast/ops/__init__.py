@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .posterior import sample_posterior, sample_posterior_linear
-from .rb_loss import rb_loss
+from .rb_loss import rb_loss, rb_loss_linear
 
-__all__ = ["rb_loss", "sample_posterior", "sample_posterior_linear", "backend"]
+__all__ = ["rb_loss", "rb_loss_linear", "sample_posterior", "sample_posterior_linear", "backend"]
 
 
 def backend(device: str | torch.device = "cpu") -> dict[str, str]:
@@ -16,5 +16,5 @@ def backend(device: str | torch.device = "cpu") -> dict[str, str]:
     from ._dispatch import use_triton
 
     probe = torch.empty(0, device=device)
-    sampler = "triton" if use_triton(probe) else "torch"
-    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": "torch", "sample_posterior": sampler}
+    fused = "triton" if use_triton(probe) else "torch"
+    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": fused, "sample_posterior": fused}

@@ -1,0 +1,220 @@
+"""Triton kernels: the Rao-Blackwellized NELBO over a (N, K) block of logits (duo-math.md section 3).
+
+The loss needs, per token, the log-sum-exp of the logits and a handful of sums over the
+vocabulary; its gradient is then an elementwise function of each logit and per-token scalars.
+So there are two kernels:
+
+* ``_rb_stats_kernel``: per row, pass 1 streams the vocabulary for the online log-sum-exp and
+  the logits at ``z_t`` and ``x``; pass 2 streams it again for the sums that need normalised
+  ``p = softmax(l)``. With ``beta = K a/(1 - a)`` and ``r = 1/(1 + beta p)`` these are::
+
+      rem  = sum_j (log1p(beta p_j) - beta p_j)      (S_log near a = 0, without cancellation)
+      s1d  = sum_j log1p(beta p_j)                   (S_log - K log(1 - a), used when beta > 1)
+      Q    = sum_j p_j r_j                           (= (1 - a) S of section 3)
+      bT2  = sum_j p_j (1 - r_j)                     (= 1 - Q, summed separately: no cancellation)
+      cpi  = sum_{j != z_t} p_j,  cpx = sum_{j != x} p_j   (1 - p_i, 1 - p_x without cancellation)
+
+  written as a (9, N) float32 tensor ``[lse, l_i, l_x, rem, s1d, Q, bT2, cpi, cpx]``.
+
+* ``_rb_grad_kernel``: an elementwise pass over (row, vocabulary) tiles emitting
+  ``d loss/d l_m = cd p_m D_m - p_m (ce + cx)`` with ``D_m = r_m - Q`` (evaluated as
+  ``bT2 - (1 - r_m)`` where ``r_m >= 1/2``, so neither form cancels), and at ``m = z_t`` /
+  ``m = x`` the terms ``ce (1 - p_i) - p_i cx`` / ``cx (1 - p_x) - p_x ce`` from the per-row
+  ``cpi``, ``cpx``. The per-row coefficients ``cd, ce, cx`` (the upstream gradient folded in)
+  are evaluated in float64 by the caller (``duo_fast.ops.rb_loss``).
+
+Nothing of size ``N x K`` is allocated except the gradient itself. This module never imports
+duo_fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["rb_stats", "rb_grad", "stats_blocks", "grad_blocks", "NUM_STATS"]
+
+NUM_STATS = 9
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= 0 to a few ulps (Kahan: log(u) * x / (u - 1), u = 1 + x rounded)."""
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _log1p_minus_x(x):
+    """log1p(x) - x for x >= 0: the series to x^8 below 0.1 (first dropped term < 2.3e-8 relative)."""
+    xs = tl.where(x < 0.1, x, 0.0)
+    series = xs * xs * (-0.5 + xs * (1.0 / 3 + xs * (-0.25 + xs * (0.2 + xs * (-1.0 / 6 + xs * (1.0 / 7 - xs / 8))))))
+    return tl.where(x < 0.1, series, _log1p(x) - x)
+
+
+@triton.jit
+def _rb_stats_kernel(logits_ptr, stride_n, zt_ptr, x0_ptr, beta_ptr, stats_ptr, N, K,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
+    zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    beta = tl.load(beta_ptr + rows, mask=rmask, other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_M,), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    l_x = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):                     # pass 1: log-sum-exp, logits at z_t and x
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        logit = tl.where(cmask[None, :], raw, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logit, 1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
+        m_i = m_new
+        l_i += tl.sum(tl.where(cols[None, :] == zt[:, None], logit, 0.0), 1)
+        l_x += tl.sum(tl.where(cols[None, :] == x0[:, None], logit, 0.0), 1)
+    lse = m_i + tl.log(s_i)
+    rem = tl.zeros((BLOCK_M,), tl.float32)
+    s1d = tl.zeros((BLOCK_M,), tl.float32)
+    q = tl.zeros((BLOCK_M,), tl.float32)
+    bt2 = tl.zeros((BLOCK_M,), tl.float32)
+    cpi = tl.zeros((BLOCK_M,), tl.float32)
+    cpx = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):                     # pass 2: the sums over normalised p
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        p = tl.where(cmask[None, :], tl.exp(raw - lse[:, None]), 0.0)
+        x = beta[:, None] * p
+        r = 1.0 / (1.0 + x)
+        rem += tl.sum(_log1p_minus_x(x), 1)
+        s1d += tl.sum(_log1p(x), 1)
+        q += tl.sum(p * r, 1)
+        bt2 += tl.sum(p * (x * r), 1)
+        cpi += tl.sum(tl.where(cols[None, :] == zt[:, None], 0.0, p), 1)
+        cpx += tl.sum(tl.where(cols[None, :] == x0[:, None], 0.0, p), 1)
+    out = stats_ptr + rows
+    tl.store(out, lse, mask=rmask)
+    tl.store(out + N, l_i, mask=rmask)
+    tl.store(out + 2 * N, l_x, mask=rmask)
+    tl.store(out + 3 * N, rem, mask=rmask)
+    tl.store(out + 4 * N, s1d, mask=rmask)
+    tl.store(out + 5 * N, q, mask=rmask)
+    tl.store(out + 6 * N, bt2, mask=rmask)
+    tl.store(out + 7 * N, cpi, mask=rmask)
+    tl.store(out + 8 * N, cpx, mask=rmask)
+
+
+@triton.jit
+def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr, N, K,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < N
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    beta = tl.load(beta_ptr + rows, mask=rmask, other=0.0)
+    lse = tl.load(stats_ptr + rows, mask=rmask, other=0.0)
+    q = tl.load(stats_ptr + 5 * N + rows, mask=rmask, other=0.0)
+    bt2 = tl.load(stats_ptr + 6 * N + rows, mask=rmask, other=0.0)
+    cd = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+    ce = tl.load(coef_ptr + N + rows, mask=rmask, other=0.0)
+    cx = tl.load(coef_ptr + 2 * N + rows, mask=rmask, other=0.0)
+    ce_c = tl.load(coef_ptr + 3 * N + rows, mask=rmask, other=0.0)       # ce (1 - p_i)
+    cx_c = tl.load(coef_ptr + 4 * N + rows, mask=rmask, other=0.0)       # cx (1 - p_x)
+    raw = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
+    p = tl.exp(raw.to(tl.float32) - lse[:, None])
+    x = beta[:, None] * p
+    r = 1.0 / (1.0 + x)
+    d = tl.where(r >= 0.5, bt2[:, None] - x * r, r - q[:, None])
+    g = cd[:, None] * p * d
+    is_i = cols[None, :] == zt[:, None]
+    is_x = (cols[None, :] == x0[:, None]) & (zt != x0)[:, None]
+    g += tl.where(is_i, ce_c[:, None] - p * cx[:, None],
+                  tl.where(is_x, cx_c[:, None] - p * ce[:, None], -p * (ce + cx)[:, None]))
+    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _interpret(interpret: bool | None) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" if interpret is None else interpret
+
+
+def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
+    """(BLOCK_M rows, BLOCK_K vocabulary chunk) of the stats kernel: 2k-element tiles on a GPU
+    (eight elements per thread at 8 warps: the second pass keeps several temporaries per element),
+    64k-element tiles in the interpreter (fewer Python programs)."""
+    if _interpret(interpret):
+        block_k = min(2048, triton.next_power_of_2(max(K, 16)))
+        return max(1, min(1024, 65536 // block_k)), block_k
+    block_k = 1024 if K >= 1024 else 256 if K >= 128 else 32
+    return 2048 // block_k, block_k
+
+
+def grad_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of the elementwise gradient kernel."""
+    if _interpret(interpret):
+        block_k = min(4096, triton.next_power_of_2(max(K, 16)))
+        return max(1, min(1024, 131072 // block_k)), block_k
+    block_k = 512 if K >= 512 else 64
+    return 2048 // block_k, block_k
+
+
+def _check_rows(logits: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor, beta: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be 2-d with unit stride along the vocabulary")
+    N = logits.shape[0]
+    for name, t in (("zt", zt), ("x0", x0), ("beta", beta)):
+        if t.shape != (N,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with shape ({N},), got {tuple(t.shape)}")
+    if beta.dtype != torch.float32:
+        raise ValueError("beta must be float32")
+
+
+def rb_stats(logits: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor, beta: torch.Tensor,
+             blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """logits (N, K) fp32/bf16/fp16; zt, x0 (N,) int64; beta (N,) float32 = K a/(1 - a).
+    Returns the (9, N) float32 statistics described in the module docstring."""
+    _check_rows(logits, zt, x0, beta)
+    N, K = logits.shape
+    stats = torch.empty((NUM_STATS, N), dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return stats
+    bm, bk = blocks or stats_blocks(K)
+    _rb_stats_kernel[(triton.cdiv(N, bm),)](logits, logits.stride(0), zt, x0, beta, stats, N, K, BLOCK_M=bm,
+                                           BLOCK_K=bk, num_warps=8)
+    return stats
+
+
+def rb_grad(logits: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor, beta: torch.Tensor, stats: torch.Tensor,
+            coefs: torch.Tensor, out: torch.Tensor | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """d loss/d logits (N, K) in the logits' dtype. ``stats`` from :func:`rb_stats`; ``coefs``
+    (5, N) float32 ``[cd, ce, cx, ce (1 - p_i), cx (1 - p_x)]``. ``out`` may be ``logits``
+    itself (each element is read before it is written by the same program)."""
+    _check_rows(logits, zt, x0, beta)
+    N, K = logits.shape
+    if stats.shape != (NUM_STATS, N) or coefs.shape != (5, N) or not (stats.is_contiguous() and coefs.is_contiguous()):
+        raise ValueError("stats must be (9, N) and coefs (5, N), contiguous float32")
+    if out is None:
+        out = torch.empty_like(logits)
+    if out.shape != logits.shape or out.stride(1) != 1:
+        raise ValueError("out must have the logits' shape and unit stride along the vocabulary")
+    if N == 0:
+        return out
+    bm, bk = blocks or grad_blocks(K)
+    _rb_grad_kernel[(triton.cdiv(N, bm), triton.cdiv(K, bk))](logits, logits.stride(0), out, out.stride(0), zt, x0,
+                                                              beta, stats, coefs, N, K, BLOCK_M=bm, BLOCK_K=bk,
+                                                              num_warps=4)
+    return out
