@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-resources", action="store_true",
+                    help="skip the sm_90 compile of every kernel configuration (registers, spills, shared memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     res = run(torch.device(args.device), args.tokens, args.vocab, args.dim, DTYPES[args.dtype], args.repeats)
@@ -122,6 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("outputs against the unfused path: " + ", ".join(
         f"{k.split(' ')[0]}: loss {v['loss_rel_err']:.1e} dh {v['dh_rel_err']:.1e} dW {v['dw_rel_err']:.1e}"
         for k, v in res["checks"].items()) + f" (tolerance {res['tolerance']:.0e})")
+    if not args.no_resources:
+        from duo_fast.kernels.compile_check import print_results, resources_in_subprocess
+
+        print("\nkernel resources, every block configuration the dispatcher can pick, compiled for sm_90:")
+        res["kernel_resources"] = resources_in_subprocess("rb_loss")
+        print_results(res["kernel_resources"])
     write_json(args.json, res)
     if not res["outputs_match"]:
         raise SystemExit("outputs disagree with the unfused path: the benchmark ran a wrong result")

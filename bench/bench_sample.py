@@ -12,7 +12,6 @@ same denoiser, so "end to end" differs only in the posterior draws.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

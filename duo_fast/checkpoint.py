@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .model import DiT, DiTConfig
+from .model import DiT
 
 __all__ = ["save_hf_folder", "PREFIX"]
 

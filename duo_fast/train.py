@@ -3,9 +3,11 @@
 Per step (duo-math.md sections 3-5): stratified times ``t``; during the curriculum
 ``gamma_t = gamma_min + t (gamma_max - gamma_min)``, ``alpha_t = T(gamma_t)``,
 ``alpha'_t = (gamma_max - gamma_min) T'(gamma_t)``, Gaussian latents ``w = at e_x + st eps``,
-``z_t = argmax w`` and the denoiser's input is the relaxed ``softmax(w / tau) @ E``; afterwards
+``z_t = argmax w`` and the denoiser's input is the relaxed ``softmax(w / tau) @ E``
+(``ops.relaxed_embedding``: the noise never exists as a B x L x K tensor); afterwards
 ``z_t ~ q_t`` under the log-linear schedule and the input is ``E[z_t]``. The loss is the
-Rao-Blackwellized NELBO at ``(z_t, alpha_t, alpha'_t)`` in both phases.
+Rao-Blackwellized NELBO at ``(z_t, alpha_t, alpha'_t)`` in both phases (``ops.rb_loss_linear``
+by default: fused with the output projection).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .checkpoint import save_hf_folder
 from .data import blocks_from_documents, get_tokenizer, load_text_documents
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
-from .ops import rb_loss, rb_loss_linear
+from .ops import rb_loss, rb_loss_linear, relaxed_embedding
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "tau_at", "resolve_device"]
@@ -60,6 +62,9 @@ class TrainConfig:
     curriculum_end: int = _f(500_000, "last curriculum step; discrete USDM training afterwards (0: no curriculum)")
     tau_log10_start: float = _f(-3.0, "log10 of the softmax temperature tau at the curriculum start")
     tau_log10_end: float = _f(-3.0, "log10 of tau at curriculum_end (linear in between)")
+    relax_mode: str = _f("sparse", "curriculum relaxation: sparse (exact to 1e-6 of weight per token), dense (exact) "
+                                   "or topk (Duo++, k rows per token)")
+    relax_k: int = _f(2, "rows per token of relax_mode=topk")
     gamma_min: float = _f(-3.55, "curriculum gamma at t = 0 (least noise)")
     gamma_max: float = _f(-1.85, "curriculum gamma at t = 1 (most noise)")
     seed: int = _f(0, "random seed (data order, noise, initialisation)")
@@ -81,6 +86,9 @@ class TrainConfig:
             raise ValueError("curriculum_end must not precede curriculum_start")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.relax_mode not in ("sparse", "dense", "topk") or self.relax_k < 1:
+            raise ValueError(f"relax_mode must be sparse, dense or topk and relax_k >= 1, got {self.relax_mode!r}, "
+                             f"{self.relax_k}")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -139,6 +147,7 @@ class Trainer:
             self.ttable.check_vocab(K)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.seed_gen = torch.Generator().manual_seed(cfg.seed + 3)      # seeds of the in-kernel noise
         self._order = torch.empty(0, dtype=torch.long)
         self._pos = 0
 
@@ -172,8 +181,9 @@ class Trainer:
             gamma = cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
             alpha, dT = self.ttable.alpha_and_derivative(gamma)
             dalpha = (cfg.gamma_max - cfg.gamma_min) * dT
-            eps = torch.randn((*x0.shape, K), generator=self.gen, device=self.device)
-            h0, zt = ref.relaxed_embedding_ref(x0, gamma.float(), tau_at(cfg, step), model.vocab_embed.embedding, eps=eps)
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_gen))
+            h0, zt = relaxed_embedding(x0, gamma, tau_at(cfg, step), model.vocab_embed.embedding, seed=seed,
+                                       mode=cfg.relax_mode, k=cfg.relax_k)
             inputs, embeds = None, h0
         else:
             zt, alpha, dalpha = discrete_nelbo_draws(x0, K, self.gen)

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-__all__ = ["configurations", "compile_one", "compile_all"]
+__all__ = ["configurations", "compile_one", "compile_all", "print_results", "resources_in_subprocess"]
 
 _PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
@@ -82,10 +82,49 @@ def _rb_loss_configs() -> list[tuple[str, str, dict[str, str], dict[str, Any], i
     return out
 
 
+def _relaxed_configs() -> list[tuple[str, str, dict[str, str], dict[str, Any], int]]:
+    """Every block configuration of kernels/relaxed_embedding.py's launchers; every flag and
+    dtype at the production shape (GPT-2 vocabulary, D = 768), fp32 RNG path elsewhere."""
+    from . import relaxed_embedding as re
+
+    out = []
+    ks, ns, ds = (20, 100, 600, 50257), (1, 100, 32768), (20, 70, 768)
+    for bm, bk in sorted({re.stats_blocks(K, interpret=False) for K in ks}):
+        for has_eps in (False, True):
+            sig = {"x0_ptr": "*i64", "at_ptr": "*fp32", "st_ptr": "*fp32", "eps_ptr": "*fp32", "stride_en": "i64",
+                   "zt_ptr": "*i64", "norm_ptr": "*fp32", "N": "i32", "K": "i32", "seed": "i64", "inv_tau": "fp32",
+                   "HAS_EPS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+            out.append(("_re_stats_kernel", f"M={bm} K={bk} eps={int(has_eps)}", sig,
+                        {"HAS_EPS": has_eps, "BLOCK_M": bm, "BLOCK_K": bk}, 4))
+    prod = (re.fwd_blocks(32768, 50257, 768, interpret=False), re.bwd_blocks(32768, 50257, 768, interpret=False))
+    flags = [(dt, sp, he) for dt in ("fp32", "bf16", "fp16") for sp in (False, True) for he in (False, True)]
+    for kernel, blocks_of, prod_blocks in (("_re_fwd_kernel", re.fwd_blocks, prod[0]),
+                                           ("_re_bwd_kernel", re.bwd_blocks, prod[1])):
+        for bm, bk, bd in sorted({blocks_of(N, K, D, interpret=False) for N in ns for K in ks for D in ds}):
+            for dt, sparse, has_eps in (flags if (bm, bk, bd) == prod_blocks else [("fp32", False, False)]):
+                if kernel == "_re_fwd_kernel":
+                    sig = {"x0_ptr": "*i64", "at_ptr": "*fp32", "st_ptr": "*fp32", "e_ptr": _PTR[dt], "stride_ek": "i64",
+                           "eps_ptr": "*fp32", "stride_en": "i64", "zt_ptr": "*i64", "norm_ptr": "*fp32",
+                           "h_ptr": _PTR[dt], "stride_hn": "i64"}
+                else:
+                    sig = {"x0_ptr": "*i64", "at_ptr": "*fp32", "st_ptr": "*fp32", "eps_ptr": "*fp32", "stride_en": "i64",
+                           "norm_ptr": "*fp32", "dh_ptr": _PTR[dt], "stride_dn": "i64", "de_ptr": "*fp32",
+                           "stride_dek": "i64"}
+                sig.update({"N": "i32", "K": "i32", "D": "i32", "seed": "i64", "inv_tau": "fp32", "delta": "fp32",
+                            "HAS_EPS": "constexpr", "SPARSE": "constexpr", "IEEE": "constexpr", "BLOCK_M": "constexpr",
+                            "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"})
+                const = {"HAS_EPS": has_eps, "SPARSE": sparse, "IEEE": dt == "fp32", "BLOCK_M": bm, "BLOCK_K": bk,
+                         "BLOCK_D": bd}
+                nw = re.warps(bm if kernel == "_re_fwd_kernel" else bk, bd)
+                out.append((kernel, f"{dt} M={bm} K={bk} D={bd} sparse={int(sparse)} eps={int(has_eps)}", sig, const, nw))
+    return out
+
+
 def configurations() -> list[tuple[str, str, str, dict[str, str], dict[str, Any], int]]:
     """(module, kernel, label, signature, constexprs, num_warps) of every kernel configuration."""
     return ([("sample_posterior", *c) for c in _sample_posterior_configs()]
-            + [("rb_loss", *c) for c in _rb_loss_configs()])
+            + [("rb_loss", *c) for c in _rb_loss_configs()]
+            + [("relaxed_embedding", *c) for c in _relaxed_configs()])
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -102,8 +141,13 @@ def _resources(cubin: bytes) -> dict[str, int]:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+)", text)
-    return {"registers": int(m.group(1))} if m else {}
+    out = {}
+    regs, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
+    if regs:
+        out["registers"] = int(regs.group(1))
+    if stack:
+        out["stack_bytes"] = int(stack.group(1))       # local memory per thread: register spills
+    return out
 
 
 def compile_one(cfg: tuple, arch: int = 90, warp_size: int = 32) -> dict[str, Any]:
@@ -127,29 +171,51 @@ def compile_one(cfg: tuple, arch: int = 90, warp_size: int = 32) -> dict[str, An
     return res
 
 
-def compile_all(arch: int = 90, jobs: int = 1) -> list[dict[str, Any]]:
+def compile_all(arch: int = 90, jobs: int = 1, only: str | None = None) -> list[dict[str, Any]]:
+    """Compile every configuration (of the kernel modules whose name contains ``only``)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check must run without TRITON_INTERPRET=1")
-    cfgs = configurations()
+    cfgs = [c for c in configurations() if only is None or only in c[0]]
     if jobs <= 1:
         return [compile_one(c, arch) for c in cfgs]
     with ProcessPoolExecutor(jobs) as pool:
         return list(pool.map(compile_one, cfgs, [arch] * len(cfgs)))
 
 
+def resources_in_subprocess(only: str, arch: int = 90, jobs: int = 2) -> list[dict[str, Any]]:
+    """:func:`compile_all` in a fresh interpreter without TRITON_INTERPRET (benches call this:
+    the JIT reads that variable at import)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "res.json")
+        proc = subprocess.run([sys.executable, "-m", f"{__package__}.compile_check", "--arch", str(arch), "--jobs",
+                               str(jobs), "--only", only, "--json", path], env=env, capture_output=True, text=True)
+        if not os.path.exists(path):
+            raise RuntimeError(f"compile_check failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        with open(path) as f:
+            return json.load(f)
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        if r["ok"]:
+            print(f"ok   {r['kernel']:34s} {r['config']:44s} regs {r.get('registers', '?'):>4} "
+                  f"stack {r.get('stack_bytes', '?'):>4} B smem {r['shared_bytes']:>6} B  {r['seconds']:.1f}s")
+        else:
+            print(f"FAIL {r['kernel']:34s} {r['config']:44s} {r['error']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for Hopper")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--only", default=None, help="only the kernel modules whose name contains this")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    results = compile_all(args.arch, args.jobs)
-    for r in results:
-        if r["ok"]:
-            print(f"ok   {r['kernel']:34s} {r['config']:44s} regs {r.get('registers', '?'):>4} "
-                  f"smem {r['shared_bytes']:>6} B  {r['seconds']:.1f}s")
-        else:
-            print(f"FAIL {r['kernel']:34s} {r['config']:44s} {r['error']}")
+    results = compile_all(args.arch, args.jobs, args.only)
+    print_results(results)
     if args.json:
         import json
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from duo_fast.data import (bundled_documents, get_tokenizer, load_text_documents, special_ids,
                            tokenize_documents, wrap_blocks)

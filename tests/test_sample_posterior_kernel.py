@@ -5,8 +5,6 @@ independent, inputs are checked, and every configuration compiles for Hopper (sm
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -106,11 +104,3 @@ def test_dispatch_checks_inputs():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             sample_posterior(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), 0.5, 0.2, impl="triton")
 
-
-def test_every_configuration_compiles_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "duo_fast.kernels.compile_check", "--arch", "90", "--jobs", "2"],
-                         capture_output=True, text=True, env=env, timeout=1200)
-    print(out.stdout[-3000:])
-    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
-    assert " 0 failed, target sm_90" in out.stdout

@@ -6,8 +6,9 @@ import torch
 
 from .posterior import sample_posterior, sample_posterior_linear
 from .rb_loss import rb_loss, rb_loss_linear
+from .relaxed import coupled_latents, relaxed_embedding
 
-__all__ = ["rb_loss", "rb_loss_linear", "sample_posterior", "sample_posterior_linear", "backend"]
+__all__ = ["rb_loss", "rb_loss_linear", "relaxed_embedding", "coupled_latents", "sample_posterior", "sample_posterior_linear", "backend"]
 
 
 def backend(device: str | torch.device = "cpu") -> dict[str, str]:
@@ -17,4 +18,5 @@ def backend(device: str | torch.device = "cpu") -> dict[str, str]:
 
     probe = torch.empty(0, device=device)
     fused = "triton" if use_triton(probe) else "torch"
-    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": fused, "sample_posterior": fused}
+    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": fused, "sample_posterior": fused,
+            "relaxed_embedding": fused}

@@ -1,0 +1,174 @@
+"""The curriculum's relaxed input embedding and DCD's coupled latents (duo-math.md sections 5, 6),
+without any ``B x L x K`` tensor.
+
+``relaxed_embedding`` modes:
+
+* ``dense``: exact ``h0 = softmax(w / tau) @ E`` and ``z_t = argmax w`` for Gaussian latents
+  ``w = at e_x + st eps``; the noise is generated inside the kernel from ``seed`` and never stored.
+* ``sparse``: the same, except that on the Triton path vocabulary tiles whose weights are all
+  below ``1e-6 / K`` skip their embedding rows: the dropped weight per token is below 1e-6, so
+  ``|h0 - exact| <= 1e-6 max_j |E_j|``. At the recipes' ``tau = 1e-3`` almost every tile is
+  skipped and the cost is that of drawing the noise. The PyTorch path computes sparse exactly
+  (it has nothing to gain from skipping rows it has to generate anyway).
+* ``topk``: the Duo++ relaxation (section 5) with the exact argmax rule: ``k`` order statistics
+  of the noise drawn directly, O(k) per token, then an embedding bag.
+
+Implementations: Triton kernels (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``) and a
+PyTorch path for CPU that works on ``chunk_tokens`` tokens at a time. The backward gives
+``d embedding`` only (no gradient flows to the noise, ``x0``, ``gamma`` or ``tau``) and regenerates
+the noise from the seed: Triton with the same Philox counters, PyTorch by reseeding each chunk's
+generator. Results are reproducible from ``seed`` on a given device and implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from ..reference import per_token
+from ._dispatch import seed_from, use_triton
+
+__all__ = ["relaxed_embedding", "coupled_latents", "MODES"]
+
+MODES = ("dense", "sparse", "topk")
+
+
+def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 0x9E3779B97F4A7C15 + chunk) % (2**63))
+
+
+def _chunk_latents(x0: Tensor, at: Tensor, st: Tensor, K: int, seed: int, chunk: int, eps: Tensor | None) -> Tensor:
+    """w (n, K) float32 of one chunk of tokens: its own generator, or the explicit noise."""
+    if eps is None:
+        eps = torch.randn((x0.shape[0], K), generator=_chunk_generator(seed, chunk, x0.device), device=x0.device)
+    w = st[:, None] * eps.float()
+    w.scatter_add_(1, x0[:, None], at[:, None])
+    return w
+
+
+def _weights(w: Tensor, tau: float) -> Tensor:
+    """softmax(w / tau), in place, from (w - max w) / tau: no rounding of w / tau at the scale 1/tau."""
+    return torch.softmax(w.sub_(w.amax(-1, keepdim=True)).div_(tau), -1)
+
+
+class _RelaxedTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0: Tensor, at: Tensor, st: Tensor, embedding: Tensor, tau: float, seed: int,
+                eps: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+        N = x0.shape[0]
+        K, D = embedding.shape
+        e32 = embedding.float()
+        h0 = torch.empty((N, D), dtype=embedding.dtype, device=x0.device)
+        zt = torch.empty(N, dtype=torch.int64, device=x0.device)
+        for c, s in enumerate(range(0, N, chunk)):
+            e = min(N, s + chunk)
+            w = _chunk_latents(x0[s:e], at[s:e], st[s:e], K, seed, c, None if eps is None else eps[s:e])
+            zt[s:e] = w.argmax(-1)
+            h0[s:e] = _weights(w, tau) @ e32
+        ctx.save_for_backward(x0, at, st, eps)
+        ctx.meta = (K, D, tau, seed, chunk, embedding.dtype)
+        ctx.mark_non_differentiable(zt)
+        return h0, zt
+
+    @staticmethod
+    def backward(ctx, dh: Tensor, _dzt: Tensor | None):
+        x0, at, st, eps = ctx.saved_tensors
+        K, D, tau, seed, chunk, dtype = ctx.meta
+        de = torch.zeros((K, D), dtype=torch.float32, device=x0.device)
+        N = x0.shape[0]
+        for c, s in enumerate(range(0, N, chunk)):
+            e = min(N, s + chunk)
+            w = _chunk_latents(x0[s:e], at[s:e], st[s:e], K, seed, c, None if eps is None else eps[s:e])
+            de.addmm_(_weights(w, tau).t(), dh[s:e].float())
+        return None, None, None, de.to(dtype), None, None, None, None
+
+
+class _RelaxedTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0: Tensor, at: Tensor, st: Tensor, embedding: Tensor, tau: float, seed: int,
+                eps: Tensor | None, sparse: bool) -> tuple[Tensor, Tensor]:
+        from ..kernels.relaxed_embedding import relaxed_fwd
+
+        h0, zt, norm = relaxed_fwd(x0, at, st, embedding.contiguous(), tau, seed, sparse, eps)
+        ctx.save_for_backward(x0, at, st, norm, eps)
+        ctx.meta = (embedding.shape[0], tau, seed, sparse, embedding.dtype)
+        ctx.mark_non_differentiable(zt)
+        return h0, zt
+
+    @staticmethod
+    def backward(ctx, dh: Tensor, _dzt: Tensor | None):
+        from ..kernels.relaxed_embedding import relaxed_bwd
+
+        x0, at, st, norm, eps = ctx.saved_tensors
+        K, tau, seed, sparse, dtype = ctx.meta
+        de = relaxed_bwd(x0, at, st, norm, dh.contiguous(), K, tau, seed, sparse, eps)
+        return None, None, None, de.to(dtype), None, None, None, None
+
+
+def _default_chunk(K: int) -> int:
+    """Tokens per chunk of the PyTorch path: (chunk, K) float32 blocks of about 4 MiB."""
+    return max(1, (4 * 2**20) // (4 * K))
+
+
+def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: Tensor, seed: int | None = None,
+                      mode: str = "sparse", k: int = 2, generator: torch.Generator | None = None,
+                      eps: Tensor | None = None, impl: str = "auto",
+                      chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    """Relaxed input embedding of the curriculum (section 5).
+
+    x0: (B, L) int64 in [0, K); gamma: scalar, (B,) or (B, L) (``at = sqrt(sigmoid(-gamma))``,
+    ``st = sqrt(sigmoid(gamma))``); tau > 0; embedding: (K, D) fp32/bf16/fp16. ``seed`` keys the
+    noise (drawn from ``generator`` when None). ``eps`` (B, L, K), test only: explicit noise
+    replacing the RNG (dense and sparse). ``k``: rows kept by ``topk``.
+    Returns ``h0`` (B, L, D) in the embedding's dtype (differentiable w.r.t. ``embedding``) and
+    ``zt = argmax w`` (B, L) int64.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if x0.dim() != 2 or x0.dtype != torch.int64:
+        raise ValueError(f"x0 must be (B, L) int64, got {tuple(x0.shape)} {x0.dtype}")
+    if embedding.dim() != 2:
+        raise ValueError(f"embedding must be (K, D), got {tuple(embedding.shape)}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    K, D = embedding.shape
+    B, L = x0.shape
+    torch._assert_async(((x0 >= 0) & (x0 < K)).all(), f"token ids out of range [0, {K})")
+    g = per_token(gamma, x0).to(device=x0.device, dtype=torch.float64).expand(B, L)
+    seed = seed_from(seed, generator)
+    if mode == "topk":
+        if eps is not None:
+            raise ValueError("explicit eps is only supported by the dense and sparse modes")
+        gen = torch.Generator(device=x0.device).manual_seed(seed)
+        idx, weights, zt = ref.topk_relaxation_ref(x0, g, tau, K, k, generator=gen)
+        h0 = torch.nn.functional.embedding_bag(idx.reshape(B * L, k + 1), embedding,
+                                               per_sample_weights=weights.reshape(B * L, k + 1).to(embedding.dtype),
+                                               mode="sum")
+        return h0.view(B, L, D), zt
+    if eps is not None and eps.shape != (B, L, K):
+        raise ValueError(f"eps must be (B, L, K) = {(B, L, K)}, got {tuple(eps.shape)}")
+    at, st = (t.float().reshape(-1).contiguous() for t in ref.gaussian_coefficients(g))
+    flat_x = x0.reshape(-1).contiguous()
+    flat_eps = None if eps is None else eps.reshape(B * L, K).float().contiguous()
+    if use_triton(embedding, impl):
+        h0, zt = _RelaxedTriton.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps, mode == "sparse")
+    else:
+        h0, zt = _RelaxedTorch.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps,
+                                     chunk_tokens or _default_chunk(K))
+    return h0.view(B, L, D), zt.view(B, L)
+
+
+def coupled_latents(x0: Tensor, gamma_t: Tensor | float, gamma_s: Tensor | float, vocab_size: int,
+                    seed: int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """DCD's coupled discrete latents (section 6): ``z_t = argmax(at_t e_x + st_t eps)`` and
+    ``z_s = argmax(at_s e_x + st_s eps)`` for one shared ``eps``, sampled exactly in O(1) per token
+    from ``(eps_x, max_{j != x} eps_j, its argmax)`` on any device.
+    x0: (B, L) int64; gamma_t, gamma_s: scalars, (B,) or (B, L). Returns (zt, zs), (B, L) int64."""
+    if x0.dim() != 2 or x0.dtype != torch.int64:
+        raise ValueError(f"x0 must be (B, L) int64, got {tuple(x0.shape)} {x0.dtype}")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    torch._assert_async(((x0 >= 0) & (x0 < vocab_size)).all(), f"token ids out of range [0, {vocab_size})")
+    gen = torch.Generator(device=x0.device).manual_seed(seed_from(seed, generator))
+    return ref.coupled_argmax_ref(x0, gamma_t, gamma_s, vocab_size, generator=gen)
