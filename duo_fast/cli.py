@@ -63,6 +63,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of x_theta (1.0: off)")
     p.add_argument("--psi-kappa", default=None,
                    help="Psi sampler: kappa (one value) or START,END (linear over the steps); 1 is ancestral")
+    p.add_argument("--unfused", action="store_true",
+                   help="write the logits and sample from them (default: draws fused with the output projection)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the step loop eagerly (no CUDA graph)")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -186,7 +189,7 @@ def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: A
         b = min(args.batch, total - i * args.batch)
         scfg = SamplerConfig(steps=args.steps, batch=b, length=args.length, noise_removal=args.noise_removal,
                              schedule=args.schedule, top_p=args.top_p, kappa=_kappa(args.psi_kappa),
-                             seed=args.seed + i)
+                             seed=args.seed + i, fused=not args.unfused, cuda_graph=not args.no_cuda_graph)
         ids, stats = generate(model, scfg, device=device, progress=not args.no_progress)
         seconds += stats["seconds"]
         nfe += stats["nfe"]

@@ -4,6 +4,13 @@
 call at ``(z_t, sigma = -log alpha_t)`` and one exact posterior draw; then the final step at
 ``t_min``: ``greedy`` (argmax of one more denoiser call, the Greedy-Tail sampler),
 ``ancestral`` (the posterior with ``alpha_s = 1``) or ``none``.
+
+Each draw is fused with the denoiser's output projection by default
+(``ops.sample_posterior_linear``: the logits are never written); nucleus sampling needs the
+logits (a sort) and uses ``ops.sample_posterior``. On CUDA the whole loop (every step and the
+final one) is captured once per shape in a CUDA graph and replayed: the prior and the kernels'
+seeds live in static device tensors refilled before each replay, so every replay draws fresh
+noise, and a replay launches no Python.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .model import DiT
-from .ops import sample_posterior
+from .ops import sample_posterior, sample_posterior_linear
 
 __all__ = ["SamplerConfig", "generate", "SCHEDULES"]
 
@@ -40,6 +47,8 @@ class SamplerConfig:
     kappa: tuple[float, float] | None = None   # Psi sampler: kappa from [0] at the first step to [1] at the last
     t_min: float = 1e-5
     seed: int = 0
+    fused: bool = True                   # draws fused with the output projection (no logits); not with top_p < 1
+    cuda_graph: bool = True              # on CUDA: capture the loop once per shape, replay it
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
@@ -56,51 +65,122 @@ class SamplerConfig:
             raise ValueError(f"t_min must be in (0, 1), got {self.t_min}")
 
 
+class _Loop:
+    """The sampling loop for one shape: ``(prior z (B, L), seeds (steps + 1,) int64) -> ids``.
+    Seeds are ints on the PyTorch path and one-element device tensors for the Triton kernels."""
+
+    def __init__(self, model: DiT, cfg: SamplerConfig, device: torch.device, step_fn: Callable[..., Tensor] | None,
+                 generator: torch.Generator) -> None:
+        self.model, self.cfg, self.device, self.step_fn, self.gen = model, cfg, device, step_fn, generator
+        # The grid is a handful of floats: computed on the CPU, so no step synchronises with the device.
+        self.alphas = SCHEDULES[cfg.schedule](torch.linspace(1.0, cfg.t_min, cfg.steps + 1, dtype=torch.float64))[0].tolist()
+        self.kappas = (None if cfg.kappa is None else
+                       torch.linspace(cfg.kappa[0], cfg.kappa[1], cfg.steps, dtype=torch.float64).tolist())
+        self.fused = cfg.fused and cfg.top_p >= 1 and step_fn is None
+        self.nfe = cfg.steps + (cfg.noise_removal != "none")
+
+    def _draw(self, z: Tensor, a_s: float, a_t: float, seed: int | Tensor, final: str | None,
+              kappa: float | None) -> Tensor:
+        sigma = torch.full((z.shape[0],), -math.log(a_t), device=z.device)
+        if self.fused:
+            h = self.model(z, sigma, return_hidden=True)
+            if h.is_cuda and self.model.autocast:
+                h = h.to(torch.bfloat16)                # the projection in bf16, as under autocast
+            lin = self.model.output_layer.linear
+            return sample_posterior_linear(h, lin.weight, lin.bias, z, a_s, a_t, seed=seed, final=final, kappa=kappa)
+        logits = self.model(z, sigma)
+        if self.step_fn is not None and final is None:
+            return self.step_fn(logits, z, a_s, a_t, generator=self.gen)
+        return sample_posterior(logits, z, a_s, a_t, seed=seed, generator=self.gen, final=final, top_p=self.cfg.top_p,
+                                kappa=kappa)
+
+    def __call__(self, z: Tensor, seeds: list[int] | Tensor, progress: bool = False) -> Tensor:
+        from tqdm.auto import tqdm
+
+        cfg, alphas = self.cfg, self.alphas
+        seed = (lambda i: seeds[i:i + 1]) if isinstance(seeds, Tensor) else (lambda i: seeds[i])
+        for i in tqdm(range(cfg.steps), disable=not progress, desc="sample", leave=False, dynamic_ncols=True):
+            z = self._draw(z, alphas[i + 1], alphas[i], seed(i), None, None if self.kappas is None else self.kappas[i])
+        if cfg.noise_removal != "none":
+            z = self._draw(z, 1.0, alphas[-1], seed(cfg.steps), cfg.noise_removal, None)
+        return z
+
+
+class _Graph:
+    """A :class:`_Loop` captured in a CUDA graph, with its static input and output tensors."""
+
+    def __init__(self, loop: _Loop, batch: int, length: int) -> None:
+        import weakref
+
+        dev = loop.device
+        self.model_ref = weakref.ref(loop.model)
+        self.z = torch.zeros((batch, length), dtype=torch.int64, device=dev)
+        self.seeds = torch.zeros(loop.cfg.steps + 1, dtype=torch.int64, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):                   # warm-up outside the graph: compiles, cuBLAS handles
+            for _ in range(2):
+                loop(self.z, self.seeds)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = loop(self.z, self.seeds)
+
+    def __call__(self, z: Tensor, seeds: Tensor) -> Tensor:
+        self.z.copy_(z)
+        self.seeds.copy_(seeds)
+        self.graph.replay()
+        return self.out.clone()
+
+
+_GRAPHS: dict[tuple, _Graph] = {}
+
+
+def _graph_for(loop: _Loop, batch: int, length: int) -> tuple[_Graph, float]:
+    """The cached graph of this model and shape, captured on first use; (graph, capture seconds)."""
+    cfg = loop.cfg
+    key = (id(loop.model), str(loop.device), batch, length, cfg.steps, cfg.schedule, cfg.noise_removal, cfg.top_p,
+           cfg.kappa, cfg.t_min, loop.fused)
+    g = _GRAPHS.get(key)
+    if g is not None and g.model_ref() is loop.model:
+        return g, 0.0
+    t0 = time.perf_counter()
+    g = _GRAPHS[key] = _Graph(loop, batch, length)
+    torch.cuda.synchronize(loop.device)
+    return g, time.perf_counter() - t0
+
+
 @torch.no_grad()
 def generate(model: DiT, cfg: SamplerConfig, device: torch.device | str | None = None,
              progress: bool = True, step_fn: Callable[..., Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
     """Sample ``cfg.batch`` sequences. Returns ``(ids (batch, length) int64, stats)`` with
-    ``stats`` = seconds, nfe (denoiser calls), samples_per_s, tokens_per_s, nfe_per_s.
+    ``stats`` = seconds, nfe (denoiser calls), samples_per_s, tokens_per_s, nfe_per_s, and on
+    CUDA with graphs ``graph_capture_seconds`` (the first call of a shape; not in ``seconds``).
     ``step_fn(logits, z, alpha_s, alpha_t, generator=...)`` replaces the posterior draw of the
-    steps before the final one (the benchmark's reference-style sampler uses it)."""
-    from tqdm.auto import tqdm
-
+    steps before the final one (the benchmark's reference-style sampler uses it; never graphed)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     K = model.config.vocab_size
     L = cfg.length or model.config.model_length
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    # Seeds of the Triton kernels, one per posterior draw, drawn up front on the CPU (no syncs).
-    seeds = torch.randint(0, 2**62, (cfg.steps + 1,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    kappas = (None if cfg.kappa is None else
-              torch.linspace(cfg.kappa[0], cfg.kappa[1], cfg.steps, dtype=torch.float64).tolist())
-    schedule = SCHEDULES[cfg.schedule]
-    # The grid is a handful of floats: computed on the CPU, so no step synchronises with the device.
-    alphas = schedule(torch.linspace(1.0, cfg.t_min, cfg.steps + 1, dtype=torch.float64))[0].tolist()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    loop = _Loop(model, cfg, device, step_fn, gen)
+    # Seeds of the kernels, one per posterior draw, drawn on the CPU (no syncs).
+    seeds_cpu = torch.randint(0, 2**62, (cfg.steps + 1,), generator=torch.Generator().manual_seed(cfg.seed))
     z = torch.randint(0, K, (cfg.batch, L), generator=gen, device=device)
-    nfe = 0
-    for i in tqdm(range(cfg.steps), disable=not progress, desc="sample", leave=False, dynamic_ncols=True):
-        a_t, a_s = alphas[i], alphas[i + 1]
-        sigma = torch.full((cfg.batch,), -math.log(a_t), device=device)
-        logits = model(z, sigma)
-        nfe += 1
-        if step_fn is not None:
-            z = step_fn(logits, z, a_s, a_t, generator=gen)
-        else:
-            z = sample_posterior(logits, z, a_s, a_t, seed=seeds[i], generator=gen, top_p=cfg.top_p,
-                                 kappa=None if kappas is None else kappas[i])
-    if cfg.noise_removal != "none":
-        sigma = torch.full((cfg.batch,), -math.log(alphas[-1]), device=device)
-        logits = model(z, sigma)
-        nfe += 1
-        z = sample_posterior(logits, z, 1.0, alphas[-1], seed=seeds[-1], generator=gen, final=cfg.noise_removal,
-                             top_p=cfg.top_p)
+    stats: dict[str, float] = {}
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        seeds = seeds_cpu.to(device)
+        graph = None
+        if cfg.cuda_graph and step_fn is None:
+            graph, stats["graph_capture_seconds"] = _graph_for(loop, cfg.batch, L)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        z = graph(z, seeds) if graph is not None else loop(z, seeds, progress)
+        torch.cuda.synchronize(device)
+    else:
+        t0 = time.perf_counter()
+        z = loop(z, seeds_cpu.tolist(), progress)
     dt = time.perf_counter() - t0
-    stats = {"seconds": dt, "nfe": nfe, "samples_per_s": cfg.batch / dt, "tokens_per_s": cfg.batch * L / dt,
-             "nfe_per_s": nfe / dt}
+    stats.update({"seconds": dt, "nfe": loop.nfe, "samples_per_s": cfg.batch / dt, "tokens_per_s": cfg.batch * L / dt,
+                  "nfe_per_s": loop.nfe / dt})
     return z, stats

@@ -37,9 +37,11 @@ def _sample_posterior_configs() -> list[tuple[str, str, dict[str, str], dict[str
     for bm, bk in blocks:
         for final, psi, dt in (flag_sets if (bm, bk) == production else flag_sets[:1]):
             sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "zt_ptr": "*i64", "a_s_ptr": "*fp64", "a_t_ptr": "*fp64",
-                   "kappa_ptr": "*fp64", "out_ptr": "*i64", "N": "i32", "K": "i32", "seed": "i64",
-                   "FINAL": "constexpr", "USE_PSI": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-            const = {"FINAL": final, "USE_PSI": psi, "BLOCK_M": bm, "BLOCK_K": bk}
+                   "kappa_ptr": "*fp64", "out_ptr": "*i64", "N": "i32", "K": "i32", "seed": "i64", "seed_ptr": "*i64",
+                   "FINAL": "constexpr", "USE_PSI": "constexpr", "SEED_FROM_PTR": "constexpr", "BLOCK_M": "constexpr",
+                   "BLOCK_K": "constexpr"}
+            const = {"FINAL": final, "USE_PSI": psi, "SEED_FROM_PTR": (bm, bk) == production, "BLOCK_M": bm,
+                     "BLOCK_K": bk}
             out.append(("_sample_posterior_kernel", f"{dt} M={bm} K={bk} final={final} psi={int(psi)}", sig, const,
                         8 if bk >= 2048 else 4))
     # fused-linear kernel: every (BLOCK_N, BLOCK_K, BLOCK_D) linear_blocks() returns, flags at the largest.
@@ -52,11 +54,11 @@ def _sample_posterior_configs() -> list[tuple[str, str, dict[str, str], dict[str
         for final, psi, bias, dt in (lflags if (bn, bk, bd) == lproduction else lflags[:1]):
             sig = {"h_ptr": _PTR[dt], "stride_hn": "i64", "w_ptr": _PTR[dt], "stride_wk": "i64", "b_ptr": _PTR[dt],
                    "zt_ptr": "*i64", "a_s_ptr": "*fp64", "a_t_ptr": "*fp64", "kappa_ptr": "*fp64", "out_ptr": "*i64",
-                   "N": "i32", "K": "i32", "D": "i32", "seed": "i64", "HAS_BIAS": "constexpr", "FINAL": "constexpr",
-                   "USE_PSI": "constexpr", "IEEE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                   "BLOCK_D": "constexpr"}
-            const = {"HAS_BIAS": bias, "FINAL": final, "USE_PSI": psi, "IEEE": dt == "fp32", "BLOCK_N": bn,
-                     "BLOCK_K": bk, "BLOCK_D": bd}
+                   "N": "i32", "K": "i32", "D": "i32", "seed": "i64", "seed_ptr": "*i64", "HAS_BIAS": "constexpr",
+                   "FINAL": "constexpr", "USE_PSI": "constexpr", "IEEE": "constexpr", "SEED_FROM_PTR": "constexpr",
+                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
+            const = {"HAS_BIAS": bias, "FINAL": final, "USE_PSI": psi, "IEEE": dt == "fp32",
+                     "SEED_FROM_PTR": (bn, bk, bd) == lproduction, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}
             out.append(("_sample_posterior_linear_kernel",
                         f"{dt} N={bn} K={bk} D={bd} final={final} psi={int(psi)} bias={int(bias)}", sig, const, 4))
     return out

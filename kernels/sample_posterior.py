@@ -115,8 +115,10 @@ def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr,
 
 @triton.jit
 def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, N, K, seed,
-                             FINAL: tl.constexpr, USE_PSI: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             seed_ptr, FINAL: tl.constexpr, USE_PSI: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    if SEED_FROM_PTR:                       # a device tensor: new values per CUDA-graph replay
+        seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
@@ -134,9 +136,11 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
 
 @triton.jit
 def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr,
-                                    out_ptr, N, K, D, seed, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
-                                    USE_PSI: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                                    out_ptr, N, K, D, seed, seed_ptr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
+                                    USE_PSI: tl.constexpr, IEEE: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
@@ -204,11 +208,22 @@ def _check_rows(zt: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor, kappa: t
         raise ValueError("a_s, a_t and kappa must be float64")
 
 
+def _seed_args(seed: int | torch.Tensor, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """(scalar seed, seed pointer): a one-element int64 device tensor is read by the kernel (so a
+    captured CUDA graph draws new noise when the tensor is refilled before a replay)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
+            raise ValueError(f"a tensor seed must be one int64 element on {device}")
+        return 0, seed
+    return int(seed), None
+
+
 def sample_posterior_fwd(logits: torch.Tensor, zt: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor,
-                         kappa: torch.Tensor | None, seed: int, final: int,
+                         kappa: torch.Tensor | None, seed: int | torch.Tensor, final: int,
                          blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """logits (N, K) fp32/bf16/fp16 with unit stride along K; zt (N,) int64; a_s, a_t, kappa
-    (N,) float64; ``blocks`` overrides (BLOCK_M, BLOCK_K). Returns z_s (N,) int64."""
+    (N,) float64; seed: an int, or a one-element int64 tensor on the logits' device; ``blocks``
+    overrides (BLOCK_M, BLOCK_K). Returns z_s (N,) int64."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be 2-d with unit stride along the vocabulary")
     N, K = logits.shape
@@ -217,15 +232,17 @@ def sample_posterior_fwd(logits: torch.Tensor, zt: torch.Tensor, a_s: torch.Tens
     if N == 0:
         return out
     block_m, block_k = blocks or logits_blocks(K)
+    seed, seed_ptr = _seed_args(seed, logits.device)
     _sample_posterior_kernel[(triton.cdiv(N, block_m),)](
-        logits, logits.stride(0), zt, a_s, a_t, kappa if kappa is not None else a_t, out, N, K, seed, FINAL=final,
-        USE_PSI=kappa is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+        logits, logits.stride(0), zt, a_s, a_t, kappa if kappa is not None else a_t, out, N, K, seed,
+        seed_ptr if seed_ptr is not None else zt, FINAL=final, USE_PSI=kappa is not None,
+        SEED_FROM_PTR=seed_ptr is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
     return out
 
 
 def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, zt: torch.Tensor,
-                                a_s: torch.Tensor, a_t: torch.Tensor, kappa: torch.Tensor | None, seed: int,
-                                final: int) -> torch.Tensor:
+                                a_s: torch.Tensor, a_t: torch.Tensor, kappa: torch.Tensor | None,
+                                seed: int | torch.Tensor, final: int) -> torch.Tensor:
     """h (N, D), weight (K, D), bias (K,) or None, same dtype (fp32 uses IEEE fp32 dots, bf16/fp16
     tensor cores with fp32 accumulation). Returns z_s (N,) int64."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
@@ -249,8 +266,10 @@ def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: tor
         h, weight = h.float(), weight.float()
         bias = None if bias is None else bias.float()
     bn, bk, bd = linear_blocks(N, K, D)
+    seed, seed_ptr = _seed_args(seed, h.device)
     _sample_posterior_linear_kernel[(triton.cdiv(N, bn),)](
         h, h.stride(0), weight, weight.stride(0), bias if bias is not None else weight, zt, a_s, a_t,
-        kappa if kappa is not None else a_t, out, N, K, D, seed, HAS_BIAS=bias is not None, FINAL=final,
-        USE_PSI=kappa is not None, IEEE=h.dtype == torch.float32, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
+        kappa if kappa is not None else a_t, out, N, K, D, seed, seed_ptr if seed_ptr is not None else zt,
+        HAS_BIAS=bias is not None, FINAL=final, USE_PSI=kappa is not None, IEEE=h.dtype == torch.float32,
+        SEED_FROM_PTR=seed_ptr is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
     return out

@@ -56,6 +56,10 @@ def mixture_weights(x_i: Tensor, a_s: Tensor, a_t: Tensor, K: int, kappa: Tensor
     return w_model, w_unif
 
 
+def _kernel_seed(seed: int | Tensor | None, generator: torch.Generator | None) -> int | Tensor:
+    return seed if isinstance(seed, Tensor) else seed_from(seed, generator)
+
+
 def _check(logits_shape: torch.Size, zt: Tensor, final: str | None) -> None:
     if final not in FINAL_MODES:
         raise ValueError(f"final must be one of {tuple(FINAL_MODES)}, got {final!r}")
@@ -90,7 +94,7 @@ def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Te
 
 
 def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_t: Tensor | float,
-                     seed: int | None = None, generator: torch.Generator | None = None, final: str | None = None,
+                     seed: int | Tensor | None = None, generator: torch.Generator | None = None, final: str | None = None,
                      top_p: float = 1.0, kappa: Tensor | float | None = None, impl: str = "auto",
                      chunk_tokens: int = 256) -> Tensor:
     """Draw ``z_s ~ q(z_s | z_t, x_theta)``, ``x_theta = softmax(logits)`` (its nucleus
@@ -99,7 +103,8 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
     logits: (B, L, K) fp32/bf16/fp16; zt: (B, L) int64; alpha_s >= alpha_t and kappa: (B,),
     (B, L) or scalars. ``final='ancestral'`` uses ``alpha_s = 1``; ``final='greedy'`` returns
     ``argmax logits``. Randomness: ``generator`` (PyTorch path) or ``seed`` (Triton kernels; drawn
-    from ``generator`` when not given). Returns (B, L) int64.
+    from ``generator`` when not given). ``seed`` may be a one-element int64 tensor on the logits'
+    device, read by the kernel: CUDA-graph replays then draw fresh noise. Returns (B, L) int64.
     """
     _check(logits.shape, zt, final)
     mode = FINAL_MODES[final]
@@ -111,10 +116,10 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
         from ..kernels.sample_posterior import sample_posterior_fwd
 
         out = sample_posterior_fwd(logits.reshape(B * L, K).contiguous(), zt.reshape(-1).contiguous(), a_s, a_t, kap,
-                                   seed_from(seed, generator), mode)
+                                   _kernel_seed(seed, generator), mode)
         return out.view(B, L)
     if generator is None and seed is not None:
-        generator = torch.Generator(device=logits.device).manual_seed(int(seed))
+        generator = torch.Generator(device=logits.device).manual_seed(int(seed) & ((1 << 63) - 1))
     flat = logits.reshape(B * L, K)
     return _chunked(lambda s, e: flat[s:e], zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
 
@@ -133,7 +138,8 @@ def _chunked(logits_of, zt: Tensor, a_s: Tensor, a_t: Tensor, kap: Tensor | None
 
 
 def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, alpha_s: Tensor | float,
-                            alpha_t: Tensor | float, seed: int | None = None, generator: torch.Generator | None = None,
+                            alpha_t: Tensor | float, seed: int | Tensor | None = None,
+                            generator: torch.Generator | None = None,
                             final: str | None = None, kappa: Tensor | float | None = None, impl: str = "auto",
                             chunk_tokens: int = 256) -> Tensor:
     """:func:`sample_posterior` of ``logits = h @ weight.T + bias`` without writing the logits:
@@ -152,10 +158,10 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
         w = weight.to(h.dtype).contiguous()
         b = None if bias is None else bias.to(h.dtype).contiguous()
         out = sample_posterior_linear_fwd(h.reshape(B * L, D).contiguous(), w, b, zt.reshape(-1).contiguous(), a_s,
-                                          a_t, kap, seed_from(seed, generator), mode)
+                                          a_t, kap, _kernel_seed(seed, generator), mode)
         return out.view(B, L)
     if generator is None and seed is not None:
-        generator = torch.Generator(device=h.device).manual_seed(int(seed))
+        generator = torch.Generator(device=h.device).manual_seed(int(seed) & ((1 << 63) - 1))
     flat_h = h.reshape(B * L, D)
     w, b = weight.float(), None if bias is None else bias.float()
     return _chunked(lambda s, e: torch.nn.functional.linear(flat_h[s:e].float(), w, b), zt, a_s, a_t, kap, generator,
