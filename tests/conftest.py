@@ -74,3 +74,9 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor, min_expected: 
     if len(obs_a) < 2:
         return 1.0
     return float(stats.chisquare(obs_a, exp_a).pvalue)
+
+
+def impl_device(impl: str) -> torch.device:
+    """Where a test of ``impl`` puts its tensors: the Triton kernels run on CUDA when there is a
+    GPU (bench/gpu_check.sh), in the interpreter on CPU tensors otherwise; PyTorch paths on CPU."""
+    return DEVICE if impl == "triton" else torch.device("cpu")

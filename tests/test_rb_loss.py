@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, impl_device
 
 from duo_fast import reference as ref
 from duo_fast.ops import rb_loss, rb_loss_linear
@@ -80,22 +80,25 @@ def test_rb_loss_fp32_against_float64(impl, K):
             lg64 = logits.clone().requires_grad_()
             truth = ref.rb_loss_direct_ref(lg64, zt, x0, a, da)
             (truth * g_out).sum().backward()
-            lg = logits.float().requires_grad_()
-            got = rb_loss(lg, zt, x0, a, da, impl=impl, chunk_tokens=32)
-            (got * g_out.float()).sum().backward()
+            dev = impl_device(impl)
+            lg = logits.float().to(dev).requires_grad_()
+            got = rb_loss(lg, zt.to(dev), x0.to(dev), a.to(dev), da.to(dev), impl=impl, chunk_tokens=32)
+            (got * g_out.float().to(dev)).sum().backward()
+            got, lg = got.cpu(), lg.cpu()
             assert got.dtype == torch.float32 and torch.isfinite(got).all()
             err = _rel_seq(got, truth.detach())
             assert err <= tol, f"alpha={alpha} per_token={per_tok}: loss relative error {err:.2e} > {tol:.0e}"
-            gerr = _rel_grad(lg.grad, lg64.grad)
+            gerr = _rel_grad(lg.grad.cpu(), lg64.grad)
             assert gerr <= 1e-4, f"alpha={alpha} per_token={per_tok}: gradient relative error {gerr:.2e}"
-            assert torch.isfinite(lg.grad).all()
+            assert torch.isfinite(lg.grad.cpu()).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rb_loss_large_vocabulary(impl):
     logits, zt, x0, a, da = _inputs(2, 6, 30522, lambda s: 10 ** (-3.5 * torch.rand(s, dtype=torch.float64)))
     truth = ref.rb_loss_direct_ref(logits, zt, x0, a, da)
-    got = rb_loss(logits.float(), zt, x0, a, da, impl=impl)
+    dev = impl_device(impl)
+    got = rb_loss(logits.float().to(dev), zt.to(dev), x0.to(dev), a.to(dev), da.to(dev), impl=impl).cpu()
     assert _rel_seq(got, truth) <= 1e-4
 
 
@@ -104,15 +107,16 @@ def test_rb_loss_large_vocabulary(impl):
 def test_rb_loss_half_precision(impl, dtype):
     """bf16/fp16 logits: within 2e-2 of float64 on the same (upcast) values; gradient in the input dtype."""
     logits, zt, x0, a, da = _inputs(3, 19, 517, lambda s: 10 ** (-3 * torch.rand(s, dtype=torch.float64)))
-    lh = logits.to(dtype).requires_grad_()
-    lg64 = lh.detach().double().requires_grad_()
+    dev = impl_device(impl)
+    lh = logits.to(dtype).to(dev).requires_grad_()
+    lg64 = lh.detach().double().cpu().requires_grad_()
     truth = ref.rb_loss_direct_ref(lg64, zt, x0, a, da)
     truth.sum().backward()
-    got = rb_loss(lh, zt, x0, a, da, impl=impl)
+    got = rb_loss(lh, zt.to(dev), x0.to(dev), a.to(dev), da.to(dev), impl=impl)
     got.sum().backward()
     assert lh.grad.dtype == dtype
-    assert _rel_seq(got, truth.detach()) <= 2e-2
-    assert _rel_grad(lh.grad, lg64.grad) <= 2e-2
+    assert _rel_seq(got.cpu(), truth.detach()) <= 2e-2
+    assert _rel_grad(lh.grad.cpu(), lg64.grad) <= 2e-2
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -130,14 +134,15 @@ def test_rb_loss_linear_against_float64(impl, bias):
         leaves64 = [t.clone().requires_grad_() for t in (h, w) + ((b,) if bias else ())]
         truth = ref.rb_loss_direct_ref(torch.nn.functional.linear(*leaves64), zt, x0, a, da)
         (truth * g_out).sum().backward()
-        leaves = [t.float().requires_grad_() for t in (h, w) + ((b,) if bias else ())]
-        got = rb_loss_linear(leaves[0], leaves[1], leaves[2] if bias else None, zt, x0, a, da, impl=impl,
-                             chunk_tokens=20)
-        (got * g_out.float()).sum().backward()
-        assert _rel_seq(got, truth.detach()) <= tol, f"alpha={alpha}"
-        assert _rel_grad(leaves[0].grad, leaves64[0].grad) <= 1e-4, f"d h at alpha={alpha}"
+        dev = impl_device(impl)
+        leaves = [t.float().to(dev).requires_grad_() for t in (h, w) + ((b,) if bias else ())]
+        got = rb_loss_linear(leaves[0], leaves[1], leaves[2] if bias else None, zt.to(dev), x0.to(dev), a.to(dev),
+                             da.to(dev), impl=impl, chunk_tokens=20)
+        (got * g_out.float().to(dev)).sum().backward()
+        assert _rel_seq(got.cpu(), truth.detach()) <= tol, f"alpha={alpha}"
+        assert _rel_grad(leaves[0].grad.cpu(), leaves64[0].grad) <= 1e-4, f"d h at alpha={alpha}"
         for mine, theirs, name in zip(leaves[1:], leaves64[1:], ("weight", "bias")):
-            err = ((mine.grad.double() - theirs.grad).norm() / theirs.grad.norm()).item()
+            err = ((mine.grad.double().cpu() - theirs.grad).norm() / theirs.grad.norm()).item()
             assert err <= 1e-4, f"d {name} at alpha={alpha}: {err:.2e}"
 
 
@@ -145,24 +150,27 @@ def test_rb_loss_linear_against_float64(impl, bias):
 def test_rb_loss_linear_bf16(impl):
     B, L, D, K = 2, 33, 64, 700
     _, zt, x0, a, da = _inputs(B, L, K, lambda s: 10 ** (-3 * torch.rand(s, dtype=torch.float64)))
-    h = torch.randn(B, L, D).bfloat16().requires_grad_()
-    w = (torch.randn(K, D) * 0.3).requires_grad_()            # fp32 master weight, used in bf16
-    got = rb_loss_linear(h, w, None, zt, x0, a, da, impl=impl, chunk_tokens=16)
+    dev = impl_device(impl)
+    h = torch.randn(B, L, D).bfloat16().to(dev).requires_grad_()
+    w = (torch.randn(K, D) * 0.3).to(dev).requires_grad_()    # fp32 master weight, used in bf16
+    got = rb_loss_linear(h, w, None, zt.to(dev), x0.to(dev), a.to(dev), da.to(dev), impl=impl, chunk_tokens=16).cpu()
     got.sum().backward()
-    h64 = h.detach().double().requires_grad_()
-    w64 = w.detach().bfloat16().double().requires_grad_()
+    h64 = h.detach().double().cpu().requires_grad_()
+    w64 = w.detach().bfloat16().double().cpu().requires_grad_()
     truth = ref.rb_loss_direct_ref(h64 @ w64.T, zt, x0, a, da)
     truth.sum().backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     assert _rel_seq(got, truth.detach()) <= 2e-2
-    assert _rel_grad(h.grad, h64.grad) <= 2e-2
-    assert ((w.grad.double() - w64.grad).norm() / w64.grad.norm()).item() <= 2e-2
+    assert _rel_grad(h.grad.cpu(), h64.grad) <= 2e-2
+    assert ((w.grad.double().cpu() - w64.grad).norm() / w64.grad.norm()).item() <= 2e-2
 
 
 def test_torch_and_triton_agree():
     """Same statistics by both implementations: the losses agree to float32 rounding."""
     logits, zt, x0, a, da = _inputs(4, 31, 2500, 0.3, dtype=torch.float32)
-    assert_close(rb_loss(logits, zt, x0, a, da, impl="torch"), rb_loss(logits, zt, x0, a, da, impl="triton"),
+    dev = impl_device("triton")
+    on_dev = [t.to(dev) for t in (logits, zt, x0, a, da)]
+    assert_close(rb_loss(logits, zt, x0, a, da, impl="torch"), rb_loss(*on_dev, impl="triton").cpu(),
                  atol=1e-6, rtol=1e-5, what="torch vs triton")
 
 
@@ -179,25 +187,28 @@ def test_kernels_at_gpu_block_sizes(K):
     zt = torch.where(torch.rand(N) < 0.5, x0, torch.randint(0, K, (N,)))
     a = 10 ** (-4 * torch.rand(N, dtype=torch.float64))
     beta = (K * a / (1 - a)).float()
-    stats = kr.rb_stats(logits, zt, x0, beta, blocks=kr.stats_blocks(K, interpret=False))
+    dev = impl_device("triton")
+    stats = kr.rb_stats(logits.to(dev), zt.to(dev), x0.to(dev), beta.to(dev),
+                        blocks=kr.stats_blocks(K, interpret=False)).cpu()
     expect = _stats_torch(logits, zt, x0, beta)
     used = torch.ones_like(stats, dtype=torch.bool)
     used[3] = beta <= 1                      # rem is only used (and only computed by torch) where beta <= 1
     assert used[3].any() and not used[3].all()
     assert_close(stats[used], expect[used], atol=1e-5, rtol=1e-5, what="stats")
     coefs = _grad_coefficients(expect, zt == x0, a, -torch.ones_like(a), K, torch.ones_like(a))
-    grad = kr.rb_grad(logits, zt, x0, beta, stats, coefs, blocks=kr.grad_blocks(K, interpret=False))
+    grad = kr.rb_grad(logits.to(dev), zt.to(dev), x0.to(dev), beta.to(dev), stats.to(dev), coefs.to(dev),
+                      blocks=kr.grad_blocks(K, interpret=False)).cpu()
     assert_close(grad, _grad_torch(logits, zt, x0, beta, expect, coefs), atol=1e-6, rtol=1e-4, what="gradient")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_finite_inputs_are_reported(impl):
-    logits, zt, x0, a, da = _inputs(2, 5, 50, 0.5, dtype=torch.float32)
+    logits, zt, x0, a, da = (t.to(impl_device(impl)) for t in _inputs(2, 5, 50, 0.5, dtype=torch.float32))
     logits[1, 2, 7] = float("nan")
     assert not torch.isfinite(rb_loss(logits, zt, x0, a, da, impl=impl)).all()      # unchecked: propagates
     with pytest.raises(FloatingPointError, match="rb_loss: non-finite"):
         rb_loss(logits, zt, x0, a, da, impl=impl, check=True)
-    h, w = torch.randn(2, 5, 8), torch.randn(50, 8)
+    h, w = torch.randn(2, 5, 8, device=logits.device), torch.randn(50, 8, device=logits.device)
     w[3, 1] = float("inf")
     with pytest.raises(FloatingPointError, match="rb_loss_linear: non-finite values in h, weight or bias"):
         rb_loss_linear(h, w, None, zt, x0, a, da, impl=impl, check=True)

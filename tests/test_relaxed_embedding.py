@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_binomial
+from conftest import assert_binomial, impl_device
 
 from duo_fast import TTable
 from duo_fast import reference as ref
@@ -49,13 +49,16 @@ def test_matches_float64_reference_fp32(impl, mode, tau):
         h_ref, z_ref = ref.relaxed_embedding_ref(x0, gamma, tau, E64, eps=eps)
         dh = torch.randn_like(h_ref)
         (h_ref * dh).sum().backward()
-        E32 = E.float().requires_grad_()
-        h, z = relaxed_embedding(x0, gamma, tau, E32, seed=0, mode=mode, eps=eps.float(), impl=impl, chunk_tokens=19)
-        (h * dh.float()).sum().backward()
+        dev = impl_device(impl)
+        E32 = E.float().to(dev).requires_grad_()
+        h, z = relaxed_embedding(x0.to(dev), gamma.to(dev), tau, E32, seed=0, mode=mode, eps=eps.float().to(dev),
+                                 impl=impl, chunk_tokens=19)
+        (h * dh.float().to(dev)).sum().backward()
+        h, z, E32 = h.cpu(), z.cpu(), E32.cpu()
         assert h.dtype == torch.float32 and h.shape == (B, L, D)
         assert torch.equal(z, z_ref), f"z_t differs (K={K})"
         assert _rel_rows(h, h_ref.detach()) <= 1e-5, f"h0 K={K}: {_rel_rows(h, h_ref.detach()):.2e}"
-        gerr = ((E32.grad.double() - E64.grad).norm() / E64.grad.norm()).item()
+        gerr = ((E32.grad.double().cpu() - E64.grad).norm() / E64.grad.norm()).item()
         assert gerr <= 1e-5, f"d embedding K={K}: {gerr:.2e}"
 
 
@@ -63,16 +66,17 @@ def test_matches_float64_reference_fp32(impl, mode, tau):
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_matches_float64_reference_bf16(impl, mode):
     x0, gamma, E, eps = _case(2, 19, 517, 72, seed=3)
-    Eb = E.bfloat16().requires_grad_()
-    E64 = Eb.detach().double().requires_grad_()
+    dev = impl_device(impl)
+    Eb = E.bfloat16().to(dev).requires_grad_()
+    E64 = Eb.detach().double().cpu().requires_grad_()
     h_ref, z_ref = ref.relaxed_embedding_ref(x0, gamma, 1e-1, E64, eps=eps)
     h_ref.sum().backward()
-    h, z = relaxed_embedding(x0, gamma, 1e-1, Eb, seed=0, mode=mode, eps=eps.float(), impl=impl)
+    h, z = relaxed_embedding(x0.to(dev), gamma.to(dev), 1e-1, Eb, seed=0, mode=mode, eps=eps.float().to(dev), impl=impl)
     h.float().sum().backward()
     assert h.dtype == torch.bfloat16 and Eb.grad.dtype == torch.bfloat16
-    assert torch.equal(z, z_ref)
-    assert _rel_rows(h, h_ref.detach()) <= 2e-2
-    assert ((Eb.grad.double() - E64.grad).norm() / E64.grad.norm()).item() <= 2e-2
+    assert torch.equal(z.cpu(), z_ref)
+    assert _rel_rows(h.cpu(), h_ref.detach()) <= 2e-2
+    assert ((Eb.grad.double().cpu() - E64.grad).norm() / E64.grad.norm()).item() <= 2e-2
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -84,14 +88,16 @@ def test_kernels_at_gpu_block_sizes(sparse):
     x0, gamma, E, eps = _case(1, N, K, D, seed=7)
     at, st = (t.float().reshape(-1).contiguous() for t in ref.gaussian_coefficients(gamma.expand(1, N)))
     h_ref, z_ref = ref.relaxed_embedding_ref(x0, gamma, tau, E, eps=eps)
-    e32 = eps.reshape(N, K).float().contiguous()
+    dev = impl_device("triton")
+    e32 = eps.reshape(N, K).float().contiguous().to(dev)
+    x0d, atd, std = x0.reshape(-1).to(dev), at.to(dev), st.to(dev)
     blocks = (kr.fwd_blocks(N, K, D, interpret=False), kr.stats_blocks(K, interpret=False))
-    h, z, norm = kr.relaxed_fwd(x0.reshape(-1), at, st, E.float(), tau, 0, sparse, e32, blocks=blocks)
-    assert torch.equal(z, z_ref.reshape(-1))
-    assert _rel_rows(h, h_ref.reshape(N, D)) <= 1e-5
+    h, z, norm = kr.relaxed_fwd(x0d, atd, std, E.float().to(dev), tau, 0, sparse, e32, blocks=blocks)
+    assert torch.equal(z.cpu(), z_ref.reshape(-1))
+    assert _rel_rows(h.cpu(), h_ref.reshape(N, D)) <= 1e-5
     dh = torch.randn(N, D, dtype=torch.float64)
-    de = kr.relaxed_bwd(x0.reshape(-1), at, st, norm, dh.float(), K, tau, 0, sparse, e32,
-                        blocks=kr.bwd_blocks(N, K, D, interpret=False))
+    de = kr.relaxed_bwd(x0d, atd, std, norm, dh.float().to(dev), K, tau, 0, sparse, e32,
+                        blocks=kr.bwd_blocks(N, K, D, interpret=False)).cpu()
     w = ref.gaussian_latents_ref(x0, gamma, K, eps=eps).reshape(N, K)
     de_ref = torch.softmax(w / tau, -1).T @ dh
     assert ((de.double() - de_ref).norm() / de_ref.norm()).item() <= 1e-5
@@ -101,9 +107,10 @@ def test_sparse_drops_at_most_the_stated_mass():
     """At tau = 1e-3 the sparse kernel skips almost every tile, and the result stays within the
     1e-6 bound: h0 of an all-ones embedding column is the kept weight, >= 1 - 1e-6."""
     N, K = 64, 4096
-    x0 = torch.randint(0, K, (1, N))
-    E = torch.ones(K, 16)
-    h, _ = relaxed_embedding(x0, torch.tensor([-2.0]), 1e-3, E, seed=5, mode="sparse", impl="triton")
+    dev = impl_device("triton")
+    x0 = torch.randint(0, K, (1, N), device=dev)
+    E = torch.ones(K, 16, device=dev)
+    h, _ = relaxed_embedding(x0, torch.tensor([-2.0], device=dev), 1e-3, E, seed=5, mode="sparse", impl="triton")
     assert ((h[..., 0] - 1).abs() <= 1e-6 + 1e-6).all()
 
 
@@ -113,9 +120,10 @@ def test_argmax_frequency_matches_T(impl, mode):
     implementation, O(k) per token in PyTorch on any device.)"""
     K, D, n = 64, 16, 6000
     table = TTable.build(K)
-    E = torch.randn(K, D)
+    dev = impl_device(impl)
+    E = torch.randn(K, D, device=dev)
     for i, gamma in enumerate((-3.0, -1.5)):
-        x0 = torch.randint(0, K, (3, n // 3), generator=torch.Generator().manual_seed(i))
+        x0 = torch.randint(0, K, (3, n // 3), generator=torch.Generator().manual_seed(i)).to(dev)
         _, z = relaxed_embedding(x0, gamma, 0.1, E, seed=100 + i, mode=mode, impl=impl, k=2)
         assert_binomial(int((z == x0).sum()), n, p_of(table, gamma), what=f"{mode}/{impl} gamma={gamma}")
 
@@ -124,7 +132,9 @@ def _recovered_noise(impl: str, seed: int, x0: torch.Tensor, gamma: float) -> to
     """With E = I and tau = 1, h0 = softmax(w): log h0 recovers w up to a per-token constant,
     hence eps = (w - at e_x) / st up to that constant; returned centred per token (N, K)."""
     K = 32
-    h, _ = relaxed_embedding(x0, gamma, 1.0, torch.eye(K), seed=seed, mode="dense", impl=impl)
+    dev = impl_device(impl)
+    h, _ = relaxed_embedding(x0.to(dev), gamma, 1.0, torch.eye(K, device=dev), seed=seed, mode="dense", impl=impl)
+    h = h.cpu()
     at, st = (float(t) for t in ref.gaussian_coefficients(torch.tensor(gamma, dtype=torch.float64)))
     w = h.double().log().reshape(-1, K)
     w = w - torch.nn.functional.one_hot(x0.reshape(-1), K) * at
@@ -165,10 +175,11 @@ def test_backward_regenerates_the_forward_noise(impl, mode):
     """RNG path (no explicit noise): d embedding equals softmax(w/tau)^T dh for the w of the
     forward, which with E = I is the forward's own output h0 = softmax(w/tau)."""
     K, N = 40, 50
-    x0 = torch.randint(0, K, (1, N))
-    E = torch.eye(K, requires_grad=True)
+    dev = impl_device(impl)
+    x0 = torch.randint(0, K, (1, N), device=dev)
+    E = torch.eye(K, device=dev, requires_grad=True)
     h, _ = relaxed_embedding(x0, -2.5, 0.3, E, seed=9, mode=mode, impl=impl)
-    dh = torch.randn(1, N, K)
+    dh = torch.randn(1, N, K, device=dev)
     (h * dh).sum().backward()
     expect = h.detach()[0].double().T @ dh[0].double()
     assert ((E.grad.double() - expect).norm() / expect.norm()).item() <= 1e-5
