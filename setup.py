@@ -38,7 +38,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.kernels"],
+    packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.bench", "duo_fast.kernels"],
     package_dir={"duo_fast": "duo_fast", "duo_fast.kernels": "kernels"},
     package_data={"duo_fast.data": ["jargon.txt.gz"]},
     ext_modules=ext_modules,

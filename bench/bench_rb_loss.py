@@ -13,13 +13,10 @@ the benchmarked inputs: a benchmark of a wrong result fails.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
+from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
 
 from duo_fast import reference as ref  # noqa: E402
 from duo_fast.ops import backend, rb_loss, rb_loss_linear  # noqa: E402

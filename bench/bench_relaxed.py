@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
+from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
 
 from duo_fast import TTable  # noqa: E402
 from duo_fast import reference as ref  # noqa: E402

@@ -12,13 +12,10 @@ same denoiser, so "end to end" differs only in the posterior draws.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
+from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
 
 from duo_fast import reference as ref  # noqa: E402
 from duo_fast.model import DiT, DiTConfig  # noqa: E402

@@ -12,14 +12,11 @@ derivative, no synchronisation), and its pure-PyTorch fallback.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, time_fn, write_json  # noqa: E402
+from duo_fast.bench.common import environment, print_table, time_fn, write_json  # noqa: E402
 
 from duo_fast import TTable  # noqa: E402
 from duo_fast.ttable import lookup_backend, p_and_derivative  # noqa: E402

@@ -95,6 +95,20 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="reference-style vs duo_fast: kernels, sampling, training steps",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["kernels", "sample", "train", "all"], help="which group of cases")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="tiny: CPU sizes; small: the GPU shapes")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="override the preset's batch")
+    p.add_argument("--length", type=int, default=None, help="override the preset's sequence length")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per path (median reported)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duo-fast", description="Fast Duo: training and sampling of "
                                      "uniform-state discrete diffusion language models.")
@@ -102,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -266,9 +281,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench.suite import GROUPS, print_suite, run_suite
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    groups = list(GROUPS) if args.what == "all" else [args.what]
+    res = run_suite(groups, args.preset, device, dtype, args.batch, args.length, args.repeats,
+                    progress=not args.no_progress)
+    print_suite(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.json}")
+    if not res["all_match"]:
+        print("duo-fast bench: some outputs disagree with the reference: their timings are not valid")
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval}[args.command](args)
+    return {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "bench": _cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":
