@@ -16,10 +16,9 @@ import argparse
 
 import torch
 
-from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
-
-from duo_fast import reference as ref  # noqa: E402
-from duo_fast.ops import backend, rb_loss, rb_loss_linear  # noqa: E402
+from duo_fast import reference as ref
+from duo_fast.bench.common import environment, peak_memory_mb, print_kernel_resources, print_table, time_fn, write_json
+from duo_fast.ops import backend, rb_loss, rb_loss_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,12 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("outputs against the unfused path: " + ", ".join(
         f"{k.split(' ')[0]}: loss {v['loss_rel_err']:.1e} dh {v['dh_rel_err']:.1e} dW {v['dw_rel_err']:.1e}"
         for k, v in res["checks"].items()) + f" (tolerance {res['tolerance']:.0e})")
-    if not args.no_resources:
-        from duo_fast.kernels.compile_check import print_results, resources_in_subprocess
-
-        print("\nkernel resources, every block configuration the dispatcher can pick, compiled for sm_90:")
-        res["kernel_resources"] = resources_in_subprocess("rb_loss")
-        print_results(res["kernel_resources"])
+    print_kernel_resources(res, "rb_loss", args.no_resources)
     write_json(args.json, res)
     if not res["outputs_match"]:
         raise SystemExit("outputs disagree with the unfused path: the benchmark ran a wrong result")

@@ -18,25 +18,12 @@ import math
 
 import torch
 
-from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
-
-from duo_fast import TTable  # noqa: E402
-from duo_fast import reference as ref  # noqa: E402
-from duo_fast.ops import backend, relaxed_embedding  # noqa: E402
+from duo_fast import TTable
+from duo_fast.bench.common import environment, peak_memory_mb, print_kernel_resources, print_table, time_fn, write_json
+from duo_fast.bench.reference_paths import reference_relaxed_embedding
+from duo_fast.ops import backend, relaxed_embedding
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def reference_style(x0: torch.Tensor, gamma: torch.Tensor, tau: float, E: torch.Tensor, eps: torch.Tensor | None = None):
-    """The public implementation's curriculum input: everything (B, L, K) materialised."""
-    K = E.shape[0]
-    onehot = torch.nn.functional.one_hot(x0, K).to(E.dtype)
-    if eps is None:
-        eps = torch.randn(onehot.shape, device=x0.device, dtype=E.dtype)
-    at, st = ref.gaussian_coefficients(gamma.to(E.dtype))
-    w = at[:, None, None] * onehot + st[:, None, None] * eps
-    probs = torch.softmax(w / tau, -1)
-    return torch.einsum("blk,kd->bld", probs, E), w.argmax(-1)
 
 
 def run(device: torch.device, B: int, L: int, K: int, D: int, tau: float, dtype: torch.dtype, repeats: int) -> dict:
@@ -46,7 +33,7 @@ def run(device: torch.device, B: int, L: int, K: int, D: int, tau: float, dtype:
     E = (torch.randn(K, D, generator=g) * 0.02).to(device, dtype).requires_grad_()
     dh = torch.randn(B, L, D, generator=g).to(device, dtype)
 
-    cases = {"reference style (materialised latents)": lambda: reference_style(x0, gamma, tau, E)}
+    cases = {"reference style (materialised latents)": lambda: reference_relaxed_embedding(x0, gamma, tau, E)}
     for mode in ("dense", "sparse", "topk"):
         cases[f"relaxed_embedding {mode}"] = (lambda m: lambda: relaxed_embedding(x0, gamma, tau, E, seed=1, mode=m))(mode)
 
@@ -59,7 +46,7 @@ def run(device: torch.device, B: int, L: int, K: int, D: int, tau: float, dtype:
     # correctness on the benchmarked inputs
     n_check = min(B, 2)
     eps = torch.randn(n_check, L, K, generator=g).to(device, dtype)
-    h_ref, z_ref = reference_style(x0[:n_check], gamma[:n_check], tau, E.detach(), eps=eps)
+    h_ref, z_ref = reference_relaxed_embedding(x0[:n_check], gamma[:n_check], tau, E.detach(), eps=eps)
     h_ours, z_ours = relaxed_embedding(x0[:n_check], gamma[:n_check], tau, E.detach(), mode="dense", seed=0, eps=eps)
     dense_err = float((h_ours.double() - h_ref.double()).norm() / h_ref.double().norm())
     table = TTable.build(K)
@@ -108,12 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                               ("tokens/s", "tokens_per_s", ",.0f")])
     print("checks: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                  for k, v in res["checks"].items()))
-    if not args.no_resources:
-        from duo_fast.kernels.compile_check import print_results, resources_in_subprocess
-
-        print("\nkernel resources, every block configuration the dispatcher can pick, compiled for sm_90:")
-        res["kernel_resources"] = resources_in_subprocess("relaxed_embedding")
-        print_results(res["kernel_resources"])
+    print_kernel_resources(res, "relaxed_embedding", args.no_resources)
     write_json(args.json, res)
     if not res["outputs_match"]:
         raise SystemExit("a check failed: the benchmark ran a wrong result")

@@ -15,9 +15,8 @@ import argparse
 
 import torch
 
-from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
-
 from duo_fast import reference as ref  # noqa: E402
+from duo_fast.bench.common import environment, peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
 from duo_fast.model import DiT, DiTConfig  # noqa: E402
 from duo_fast.ops import backend, sample_posterior, sample_posterior_linear  # noqa: E402
 from duo_fast.sampling import SamplerConfig, generate  # noqa: E402

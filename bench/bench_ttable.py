@@ -16,21 +16,10 @@ import argparse
 import numpy as np
 import torch
 
-from duo_fast.bench.common import environment, print_table, time_fn, write_json  # noqa: E402
-
-from duo_fast import TTable  # noqa: E402
-from duo_fast.ttable import lookup_backend, p_and_derivative  # noqa: E402
-
-
-def reference_style_lookup(gamma: torch.Tensor, p_table: torch.Tensor, gmin: float, gmax: float, K: int):
-    if bool((gamma < gmin).any().item()) or bool((gamma > gmax).any().item()):     # host sync per call
-        raise ValueError("gamma out of range")
-    n = p_table.shape[0]
-    h = (gmax - gmin) / (n - 1)
-    idx = torch.round((gamma - gmin) / h).long()
-    p = p_table[idx]
-    dp = (p_table[(idx + 1).clamp(max=n - 1)] - p_table[(idx - 1).clamp(min=0)]) / (2 * h)
-    return (K * p - 1) / (K - 1), K / (K - 1) * dp
+from duo_fast import TTable
+from duo_fast.bench.common import environment, print_table, time_fn, write_json
+from duo_fast.bench.reference_paths import reference_ttable_lookup
+from duo_fast.ttable import lookup_backend, p_and_derivative
 
 
 def run(device: torch.device, n: int, K: int, repeats: int) -> dict:
@@ -46,7 +35,7 @@ def run(device: torch.device, n: int, K: int, repeats: int) -> dict:
         a, d = a[:2000].double().cpu().numpy(), d[:2000].double().cpu().numpy()
         return float(np.abs(a - a_true).max()), float((np.abs(d - d_true) / np.abs(d_true).clip(1e-300)).max())
 
-    cases = {"reference (nearest, FD, .item())": lambda: reference_style_lookup(gamma, p_table, -5.0, -1.0, K),
+    cases = {"reference (nearest, FD, .item())": lambda: reference_ttable_lookup(gamma, p_table, -5.0, -1.0, K),
              "duo_fast torch fallback": lambda: table.alpha_and_derivative(gamma, impl="torch")}
     if lookup_backend(device) == "cpp":
         cases["duo_fast C++/CUDA op"] = lambda: table.alpha_and_derivative(gamma, impl="cpp")

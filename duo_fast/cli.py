@@ -21,6 +21,17 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, presets: dict[str, dict[str, Any]]) -> None:
+    """--preset, --config and one flag per field of the config dataclass ``cls``."""
+    p.add_argument("--preset", choices=sorted(presets), default=None,
+                   help="a named recipe: " + "; ".join(f"{k}: {v.get('dataset')}" for k, v in presets.items()))
+    p.add_argument("--config", default=None, help=f"a JSON or YAML file of {cls.__name__} fields")
+    for f in dataclasses.fields(cls):
+        typ = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train import TRAIN_PRESETS, TrainConfig
 
@@ -28,14 +39,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train a Duo denoiser. Values come from the dataclass defaults (the public "
                                    "recipe), then --preset, then --config, then the flags below.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default=None,
-                   help="a named recipe: " + "; ".join(f"{k}: {v.get('dataset')} L={v.get('length')}"
-                                                        for k, v in TRAIN_PRESETS.items()))
-    p.add_argument("--config", default=None, help="a JSON or YAML file of TrainConfig fields")
-    for f in dataclasses.fields(TrainConfig):
-        typ = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+    _add_dataclass_args(p, TrainConfig, TRAIN_PRESETS)
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    from .distill import DISTILL_PRESETS, DistillConfig
+
+    p = sub.add_parser("distill", help="Discrete Consistency Distillation of a trained model (few-step sampling)",
+                       description="Distil a Duo model with DCD. Values come from the dataclass defaults (the public "
+                                   "recipe), then --preset, then --config, then the flags below.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_dataclass_args(p, DistillConfig, DISTILL_PRESETS)
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -110,46 +124,65 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="duo-fast", description="Fast Duo: training and sampling of "
-                                     "uniform-state discrete diffusion language models.")
+    parser = argparse.ArgumentParser(prog="duo-fast", description="Fast Duo: training, distillation and sampling "
+                                     "of uniform-state discrete diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_distill(sub)
     _add_sample(sub)
     _add_eval(sub)
     _add_bench(sub)
     return parser
 
 
-def train_config_from_args(args: argparse.Namespace) -> Any:
-    from .train import TRAIN_PRESETS, TrainConfig
-
+def config_from_args(args: argparse.Namespace, cls: type, presets: dict[str, dict[str, Any]]) -> Any:
+    """Dataclass defaults, then --preset, then --config (unknown fields are an error), then flags."""
     values: dict[str, Any] = {}
     if args.preset:
-        values.update(TRAIN_PRESETS[args.preset])
+        values.update(presets[args.preset])
     if args.config:
-        text = Path(args.config).read_text()
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"duo-fast {args.command}: config file {args.config} does not exist")
+        text = path.read_text()
         if args.config.endswith((".yaml", ".yml")):
             import yaml
 
             loaded = yaml.safe_load(text) or {}
         else:
             loaded = json.loads(text)
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(loaded) - names)
         if unknown:
-            raise SystemExit(f"duo-fast train: unknown config field(s) {unknown} in {args.config}")
+            raise SystemExit(f"duo-fast {args.command}: unknown config field(s) {unknown} in {args.config}")
         values.update(loaded)
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
-    return TrainConfig(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise SystemExit(f"duo-fast {args.command}: {e}") from e
+
+
+def train_config_from_args(args: argparse.Namespace) -> Any:
+    from .train import TRAIN_PRESETS, TrainConfig
+
+    return config_from_args(args, TrainConfig, TRAIN_PRESETS)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     train(train_config_from_args(args))
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DISTILL_PRESETS, DistillConfig, distill
+
+    distill(config_from_args(args, DistillConfig, DISTILL_PRESETS))
     return 0
 
 
@@ -305,7 +338,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "bench": _cmd_bench}[args.command](args)
+    return {"train": _cmd_train, "distill": _cmd_distill, "sample": _cmd_sample, "eval": _cmd_eval, "bench": _cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

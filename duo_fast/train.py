@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +30,49 @@ from .data import blocks_from_documents, get_tokenizer, load_text_documents
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
+from .options import option
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "tau_at", "resolve_device"]
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Every option of ``duo-fast train``; the defaults are the public recipe's where it has one."""
 
-    model: str = _f("small", "denoiser preset: tiny, small or medium (duo-math.md section 7)")
-    dataset: str = _f("bundled", "bundled, openwebtext, wikitext103, wikitext2, lm1b, or text:PATH (.txt/.jsonl)")
-    tokenizer: str = _f("bundled", "'bundled' (BPE trained on the bundled corpus), a local folder or a hub name")
-    tokenizer_vocab: int = _f(4096, "vocabulary size of the bundled BPE tokenizer")
-    length: int = _f(1024, "sequence length L of the training blocks")
-    batch_size: int = _f(512, "sequences per optimizer step")
-    steps: int = _f(1_000_000, "optimizer steps")
-    lr: float = _f(3e-4, "AdamW learning rate after warm-up")
-    warmup_steps: int = _f(2500, "linear warm-up steps, then constant learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    grad_clip: float = _f(1.0, "gradient-norm clipping (0 disables)")
-    dropout: float = _f(0.1, "dropout of the denoiser's residual branches")
-    ema: float = _f(0.9999, "EMA decay of the weights exported for sampling (0 disables the EMA)")
-    curriculum_start: int = _f(0, "step where log10(tau) starts moving from tau_log10_start")
-    curriculum_end: int = _f(500_000, "last curriculum step; discrete USDM training afterwards (0: no curriculum)")
-    tau_log10_start: float = _f(-3.0, "log10 of the softmax temperature tau at the curriculum start")
-    tau_log10_end: float = _f(-3.0, "log10 of tau at curriculum_end (linear in between)")
-    relax_mode: str = _f("sparse", "curriculum relaxation: sparse (exact to 1e-6 of weight per token), dense (exact) "
+    model: str = option("small", "denoiser preset: tiny, small or medium (duo-math.md section 7)")
+    dataset: str = option("bundled", "bundled, openwebtext, wikitext103, wikitext2, lm1b, or text:PATH (.txt/.jsonl)")
+    tokenizer: str = option("bundled", "'bundled' (BPE trained on the bundled corpus), a local folder or a hub name")
+    tokenizer_vocab: int = option(4096, "vocabulary size of the bundled BPE tokenizer")
+    length: int = option(1024, "sequence length L of the training blocks")
+    batch_size: int = option(512, "sequences per optimizer step")
+    steps: int = option(1_000_000, "optimizer steps")
+    lr: float = option(3e-4, "AdamW learning rate after warm-up")
+    warmup_steps: int = option(2500, "linear warm-up steps, then constant learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(1.0, "gradient-norm clipping (0 disables)")
+    dropout: float = option(0.1, "dropout of the denoiser's residual branches")
+    ema: float = option(0.9999, "EMA decay of the weights exported for sampling (0 disables the EMA)")
+    curriculum_start: int = option(0, "step where log10(tau) starts moving from tau_log10_start")
+    curriculum_end: int = option(500_000, "last curriculum step; discrete USDM training afterwards (0: no curriculum)")
+    tau_log10_start: float = option(-3.0, "log10 of the softmax temperature tau at the curriculum start")
+    tau_log10_end: float = option(-3.0, "log10 of tau at curriculum_end (linear in between)")
+    relax_mode: str = option("sparse", "curriculum relaxation: sparse (exact to 1e-6 of weight per token), dense (exact) "
                                    "or topk (Duo++, k rows per token)")
-    relax_k: int = _f(2, "rows per token of relax_mode=topk")
-    gamma_min: float = _f(-3.55, "curriculum gamma at t = 0 (least noise)")
-    gamma_max: float = _f(-1.85, "curriculum gamma at t = 1 (most noise)")
-    seed: int = _f(0, "random seed (data order, noise, initialisation)")
-    device: str = _f("auto", "auto (cuda when available), cpu or cuda[:N]")
-    fused_loss: bool = _f(True, "loss fused with the output projection (rb_loss_linear: no B x L x K logits); "
+    relax_k: int = option(2, "rows per token of relax_mode=topk")
+    gamma_min: float = option(-3.55, "curriculum gamma at t = 0 (least noise)")
+    gamma_max: float = option(-1.85, "curriculum gamma at t = 1 (most noise)")
+    seed: int = option(0, "random seed (data order, noise, initialisation)")
+    device: str = option("auto", "auto (cuda when available), cpu or cuda[:N]")
+    fused_loss: bool = option(True, "loss fused with the output projection (rb_loss_linear: no B x L x K logits); "
                                 "false: logits, then rb_loss")
-    check_every: int = _f(100, "every N steps the loss is checked for NaN/inf in the logits (one host sync; 0: never)")
-    log_every: int = _f(25, "steps between log lines in the JSONL log")
-    val_batches: int = _f(4, "validation batches for the NELBO before and after training")
-    out: str = _f("runs/duo", "output folder: log.jsonl, export/ (HF layout) and summary.json")
-    progress: bool = _f(True, "show a progress bar")
+    check_every: int = option(100, "every N steps the loss is checked for NaN/inf in the logits (one host sync; 0: never)")
+    log_every: int = option(25, "steps between log lines in the JSONL log")
+    val_batches: int = option(4, "validation batches for the NELBO before and after training")
+    out: str = option("runs/duo", "output folder: log.jsonl, export/ (HF layout) and summary.json")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.length < 2 or self.batch_size < 1 or self.steps < 1:

@@ -99,3 +99,15 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {path}")
+
+
+def print_kernel_resources(res: dict[str, Any], module: str, skip: bool) -> None:
+    """Compile every block configuration of kernel module ``module`` for sm_90 (in a subprocess),
+    print registers, spills and shared memory, and store them in ``res["kernel_resources"]``."""
+    if skip:
+        return
+    from ..kernels.compile_check import print_results, resources_in_subprocess
+
+    print("\nkernel resources, every block configuration the dispatcher can pick, compiled for sm_90:")
+    res["kernel_resources"] = resources_in_subprocess(module)
+    print_results(res["kernel_resources"])

@@ -23,10 +23,11 @@ import torch
 
 from .. import reference as ref
 from ..model import DiT, DiTConfig
-from ..ops import (backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear)
+from ..ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
 from ..sampling import SamplerConfig, generate
 from ..ttable import TTable
 from .common import environment, peak_memory_mb, print_table, time_fn
+from .reference_paths import reference_relaxed_embedding, reference_ttable_lookup
 
 __all__ = ["PRESETS", "GROUPS", "run_suite", "print_suite", "DEVICE_PEAKS"]
 
@@ -76,30 +77,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # Cases
 # ---------------------------------------------------------------------------------------------
 
-def _reference_relaxed(x0: torch.Tensor, gamma: torch.Tensor, tau: float, E: torch.Tensor,
-                       eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The public curriculum input: one-hot, noise, latents and softmax all (B, L, K)."""
-    K = E.shape[0]
-    onehot = torch.nn.functional.one_hot(x0, K).to(E.dtype)
-    if eps is None:
-        eps = torch.randn(onehot.shape, device=x0.device, dtype=E.dtype)
-    at, st = ref.gaussian_coefficients(gamma.to(E.dtype))
-    w = at[:, None, None] * onehot + st[:, None, None] * eps.to(E.dtype)
-    return torch.einsum("blk,kd->bld", torch.softmax(w / tau, -1), E), w.argmax(-1)
-
-
-def _reference_ttable(gamma: torch.Tensor, p_table: torch.Tensor, gmin: float, gmax: float, K: int):
-    """Nearest grid point, finite-difference derivative, range check with a host sync."""
-    if bool((gamma < gmin).any().item()) or bool((gamma > gmax).any().item()):
-        raise ValueError("gamma out of range")
-    n = p_table.shape[0]
-    h = (gmax - gmin) / (n - 1)
-    idx = torch.round((gamma - gmin) / h).long()
-    p = p_table[idx]
-    dp = (p_table[(idx + 1).clamp(max=n - 1)] - p_table[(idx - 1).clamp(min=0)]) / (2 * h)
-    return (K * p - 1) / (K - 1), K / (K - 1) * dp
-
-
 def kernel_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> list[Case]:
     g = torch.Generator().manual_seed(0)
     B, L, K = p["batch"], p["length"], p["vocab"]
@@ -113,7 +90,7 @@ def kernel_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     n = p["ttable_n"]
     gamma = torch.empty(n, dtype=torch.float64).uniform_(-5.0, -1.0, generator=g).to(device)
     p_table = (1.0 - table.q(device)).clone()
-    t_ref = lambda: _reference_ttable(gamma, p_table, table.gamma_min, table.gamma_max, K)   # noqa: E731
+    t_ref = lambda: reference_ttable_lookup(gamma, p_table, table.gamma_min, table.gamma_max, K)   # noqa: E731
     t_ours = lambda: table.alpha_and_derivative(gamma)                                       # noqa: E731
 
     def t_check():
@@ -196,7 +173,7 @@ def kernel_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
             (out * dh).sum().backward()
             return z
         return run
-    re_ref = fb(lambda: _reference_relaxed(xb, gam, tau, E))
+    re_ref = fb(lambda: reference_relaxed_embedding(xb, gam, tau, E))
     eps = torch.randn(min(B, 2), L, K, generator=g).to(device, dtype)
     p_true = table.alpha(gam.double().cpu())
     p_true = (p_true + (1 - p_true) / K)[:, None].expand(B, L)
@@ -209,7 +186,7 @@ def kernel_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
             out = {"ok": dev <= 5, "p_zt_eq_x_deviation_sd": dev}
             if mode != "topk":                  # with the reference's own noise: the same output
                 with torch.no_grad():
-                    r, zr = _reference_relaxed(xb[:2], gam[:2], tau, E, eps=eps)
+                    r, zr = reference_relaxed_embedding(xb[:2], gam[:2], tau, E, eps=eps)
                     o, zo = relaxed_embedding(xb[:2], gam[:2], tau, E, mode=mode, seed=0, eps=eps)
                 out["h0_rel_err"] = _rel(o, r)
                 out["ok"] = out["ok"] and out["h0_rel_err"] <= tol and bool(torch.equal(zo, zr))
@@ -302,7 +279,7 @@ def train_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> 
             h = model(None, sigma, inputs_embeds=h0, return_hidden=True)
             h = h.to(torch.bfloat16) if h.is_cuda else h
             return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha).mean()
-        h0, zt = _reference_relaxed(x0, gamma, tau, E, eps=eps)
+        h0, zt = reference_relaxed_embedding(x0, gamma, tau, E, eps=eps)
         return ref.rb_loss_ref(model(None, sigma, inputs_embeds=h0).float(), zt, x0, alpha, dalpha).mean()
 
     zt_d, a_d, da_d = ref.sample_qt(x0, alpha, K, generator=torch.Generator(device=device).manual_seed(0)), alpha, dalpha
