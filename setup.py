@@ -40,7 +40,7 @@ setup(
     python_requires=">=3.10",
     packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.bench", "duo_fast.kernels"],
     package_dir={"duo_fast": "duo_fast", "duo_fast.kernels": "kernels"},
-    package_data={"duo_fast.data": ["jargon.txt.gz"]},
+    package_data={"duo_fast.data": ["jargon.txt.gz"], "duo_fast": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -55,6 +55,7 @@ setup(
         "huggingface_hub",
         "tqdm",
         "pyyaml",
+        "deepspeed",             # ZeRO 1-3 training; pure Python install (DS_BUILD_OPS=0)
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ninja"],

@@ -175,7 +175,11 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    train(train_config_from_args(args))
+    cfg = train_config_from_args(args)
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:       # bad input found before training: a clear message
+        raise SystemExit(f"duo-fast train: {e}") from e
     return 0
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from . import reference as ref
 from .checkpoint import save_hf_folder
-from .data import blocks_from_documents, get_tokenizer, load_text_documents
+from .data import get_tokenizer
+from .data.blocks import BlockOrder, cached_blocks
 from .evaluate import check_tokenizer_vocab
 from .ops import coupled_latents
 from .options import option
@@ -119,9 +120,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         raise ValueError("the checkpoint names no tokenizer: pass --tokenizer")
     tokenizer = get_tokenizer(tok_name, info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab))
     check_tokenizer_vocab(tokenizer, K)
-    blocks = blocks_from_documents(tokenizer, load_text_documents(cfg.dataset, "train"), L)
+    tok_vocab = info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab)
+    tok_key = f"{tok_name}-{tok_vocab}" if tok_name == "bundled" else tok_name
+    blocks = cached_blocks(cfg.dataset, "train", tokenizer, tok_key, L)
     if blocks.shape[0] < cfg.batch_size:
         raise ValueError(f"only {blocks.shape[0]} blocks of length {L} for a batch of {cfg.batch_size}")
+    order = BlockOrder(blocks.shape[0], cfg.batch_size, seed=cfg.seed + 3)
     student.train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     ema_model = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ema > 0 else None
@@ -130,8 +134,6 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     table = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     seed_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 3)
-    order, pos = torch.randperm(blocks.shape[0], generator=data_gen), 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "w")
@@ -146,10 +148,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         if refreshed:
             src = ema_model if cfg.teacher_from == "ema" else student
             teacher.load_state_dict(src.state_dict())
-        if pos + cfg.batch_size > order.numel():
-            order, pos = torch.randperm(blocks.shape[0], generator=data_gen), 0
-        x0 = blocks[order[pos:pos + cfg.batch_size]].to(device)
-        pos += cfg.batch_size
+        x0 = blocks[order.next_indices()].to(device)
         t = ref.stratified_times(cfg.batch_size, generator=gen, device=device, dtype=torch.float64)
         t = (t + dt).clamp(0.0, 1.0)
         s = t - dt
@@ -182,7 +181,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - t_start
     final = ema_model if ema_model is not None else student
     export = save_hf_folder(final, out / "export", extra={
-        "tokenizer": tok_name, "tokenizer_vocab": info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab),
+        "tokenizer": tok_name, "tokenizer_vocab": tok_vocab,
         "distilled_from": cfg.checkpoint, "steps": cfg.steps, "weights": "ema" if ema_model is not None else "raw"})
     n = max(1, min(10, len(losses) // 4))
     summary = {"loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n, "rounds": dcd_gap(cfg.steps - 1, cfg)[0] + 1,

@@ -1,4 +1,5 @@
-"""Single-process Duo training in plain PyTorch: the Gaussian-latent curriculum, then USDM.
+"""Duo training: the Gaussian-latent curriculum, then USDM, in one process (plain PyTorch) or
+under DeepSpeed ZeRO 1-3 on any number of processes (``torchrun`` / ``deepspeed`` launchers).
 
 Per step (duo-math.md sections 3-5): stratified times ``t``; during the curriculum
 ``gamma_t = gamma_min + t (gamma_max - gamma_min)``, ``alpha_t = T(gamma_t)``,
@@ -8,25 +9,34 @@ Per step (duo-math.md sections 3-5): stratified times ``t``; during the curricul
 ``z_t ~ q_t`` under the log-linear schedule and the input is ``E[z_t]``. The loss is the
 Rao-Blackwellized NELBO at ``(z_t, alpha_t, alpha'_t)`` in both phases (``ops.rb_loss_linear``
 by default: fused with the output projection).
+
+Runs survive crashes: resumable checkpoints (engine shards, optimizer, schedule, EMA, data
+position, every rank's RNG states, metrics so far) are written to a temporary folder and renamed
+when complete, the previous one kept until then; SIGTERM/SIGINT write one before exiting; a
+restart with the same command continues from the newest complete one.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
+import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import reference as ref
 from .checkpoint import save_hf_folder
-from .data import blocks_from_documents, get_tokenizer, load_text_documents
+from .data import get_tokenizer
+from .data.blocks import BlockOrder, cached_blocks
+from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, world_info
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
@@ -66,6 +76,14 @@ class TrainConfig:
     gamma_max: float = option(-1.85, "curriculum gamma at t = 1 (most noise)")
     seed: int = option(0, "random seed (data order, noise, initialisation)")
     device: str = option("auto", "auto (cuda when available), cpu or cuda[:N]")
+    zero_stage: int = option(0, "0: plain PyTorch in one process; 1, 2, 3: DeepSpeed ZeRO stage (any number of "
+                                "processes, launched by torchrun or deepspeed)")
+    micro_batch_size: int = option(0, "sequences per rank per forward/backward (0: batch_size / world size); "
+                                      "batch_size must be a multiple of micro_batch_size x world size")
+    save_every: int = option(0, "steps between resumable checkpoints in OUT/checkpoints (0: only at the end and "
+                                "on SIGTERM/SIGINT)")
+    resume: bool = option(True, "continue from the newest complete checkpoint in OUT/checkpoints, if any")
+    tensorboard: bool = option(False, "also log to TensorBoard (OUT/tb) when tensorboard is installed")
     fused_loss: bool = option(True, "loss fused with the output projection (rb_loss_linear: no B x L x K logits); "
                                 "false: logits, then rb_loss")
     check_every: int = option(100, "every N steps the loss is checked for NaN/inf in the logits (one host sync; 0: never)")
@@ -83,6 +101,10 @@ class TrainConfig:
             raise ValueError("curriculum_end must not precede curriculum_start")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0 (no DeepSpeed), 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch_size < 0 or self.save_every < 0:
+            raise ValueError("micro_batch_size and save_every must be >= 0")
         if self.relax_mode not in ("sparse", "dense", "topk") or self.relax_k < 1:
             raise ValueError(f"relax_mode must be sparse, dense or topk and relax_k >= 1, got {self.relax_mode!r}, "
                              f"{self.relax_k}")
@@ -119,180 +141,426 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+class DuoObjective(nn.Module):
+    """The training objective as one module around the denoiser, so that an engine (and ZeRO-3's
+    parameter gathering) sees every parameter the step uses, including the input embedding read
+    by the relaxation and the output projection read by the fused loss.
+
+    ``forward(x0, sigma, alpha, dalpha, zt=None, gamma=None, tau=None, seed=None, check=False)``:
+    the discrete objective at ``zt``, or (``gamma`` given) the curriculum's; returns the mean loss."""
+
+    def __init__(self, dit: DiT, cfg: "TrainConfig") -> None:
+        super().__init__()
+        self.dit, self.cfg = dit, cfg
+
+    def register_external_parameters(self) -> None:
+        """ZeRO-3: these parameters are read outside their own modules' forward."""
+        import deepspeed
+
+        for p in (self.dit.vocab_embed.embedding, self.dit.output_layer.linear.weight, self.dit.output_layer.linear.bias):
+            deepspeed.zero.register_external_parameter(self, p)
+
+    def forward(self, x0: Tensor, sigma: Tensor, alpha: Tensor, dalpha: Tensor, zt: Tensor | None = None,
+                gamma: Tensor | None = None, tau: float | None = None, seed: int | None = None,
+                check: bool = False) -> Tensor:
+        cfg, dit = self.cfg, self.dit
+        if gamma is not None:
+            h0, zt = relaxed_embedding(x0, gamma, tau, dit.vocab_embed.embedding, seed=seed, mode=cfg.relax_mode,
+                                       k=cfg.relax_k)
+            inputs, embeds = None, h0
+        else:
+            inputs, embeds = zt, None
+        if not cfg.fused_loss:
+            return rb_loss(dit(inputs, sigma, inputs_embeds=embeds), zt, x0, alpha, dalpha, check=check).mean()
+        h = dit(inputs, sigma, inputs_embeds=embeds, return_hidden=True)
+        if h.is_cuda and dit.autocast:
+            h = h.to(torch.bfloat16)                    # the projection runs in bf16 as under autocast
+        lin = dit.output_layer.linear
+        return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha, check=check).mean()
+
+
 class Trainer:
-    """Holds the model, optimiser, data and T table of one run; ``loss_on(x0, step)`` is the
-    objective of one batch, ``step(x0, step)`` one optimizer update."""
+    """Holds the model, engine, data and T table of one run on this rank. ``loss_on(x0, step)``
+    is the objective of one micro-batch, ``step(x0, step)`` one optimizer update from one batch
+    (plain engine), ``train_step(step)`` one optimizer update from this rank's micro-batches."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.rank, self.world, local = world_info()
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and cfg.zero_stage == 0:
+            raise ValueError(f"{self.world} processes need DeepSpeed: set zero_stage to 1, 2 or 3")
+        micro = cfg.micro_batch_size or cfg.batch_size // self.world
+        if micro < 1 or cfg.batch_size % (micro * self.world):
+            raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
+                             f"{self.world} processes")
+        self.micro, self.accum = micro, cfg.batch_size // (micro * self.world)
         torch.manual_seed(cfg.seed)
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_vocab)
         K = len(self.tokenizer)
-        self.train_blocks = blocks_from_documents(self.tokenizer, load_text_documents(cfg.dataset, "train"), cfg.length)
-        self.val_blocks = blocks_from_documents(self.tokenizer, load_text_documents(cfg.dataset, "validation"),
-                                                cfg.length)
+        tok_key = f"{cfg.tokenizer}-{cfg.tokenizer_vocab}" if cfg.tokenizer == "bundled" else cfg.tokenizer
+        if self.rank == 0:                               # rank 0 tokenises and caches; the others map the cache
+            cached_blocks(cfg.dataset, "train", self.tokenizer, tok_key, cfg.length)
+            cached_blocks(cfg.dataset, "validation", self.tokenizer, tok_key, cfg.length)
+        init_distributed(self.device)
+        barrier()
+        self.train_blocks = cached_blocks(cfg.dataset, "train", self.tokenizer, tok_key, cfg.length)
+        self.val_blocks = cached_blocks(cfg.dataset, "validation", self.tokenizer, tok_key, cfg.length)
+        if self.train_blocks.shape[0] < cfg.batch_size:
+            raise ValueError(f"only {self.train_blocks.shape[0]} training blocks for a batch of {cfg.batch_size}")
+        self.order = BlockOrder(self.train_blocks.shape[0], micro, seed=cfg.seed + 2, rank=self.rank, world=self.world)
         self.model = DiT(DiTConfig.from_name(cfg.model, vocab_size=K, model_length=cfg.length,
                                              dropout=cfg.dropout)).to(self.device)
-        self.ema_model = copy.deepcopy(self.model).eval() if cfg.ema > 0 else None
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                     weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+        self.objective = DuoObjective(self.model, cfg)
+        args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                    warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
+        if cfg.zero_stage:
+            if cfg.zero_stage == 3:
+                self.objective.register_external_parameters()
+            self.engine = DeepSpeedEngine(self.objective, cfg.zero_stage, micro, self.accum, self.world,
+                                          device=self.device, **args)
+            self._forward = self.engine.engine
+        else:
+            self.engine = TorchEngine(self.objective, accum=self.accum, **args)
+            self._forward = self.objective
+        with self.engine.gathered():
+            self.ema = [p.detach().float().clone() for p in self.model.parameters()] if cfg.ema > 0 else None
         self.ttable = None
         if cfg.curriculum_end > 0:
             self.ttable = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
             self.ttable.check_vocab(K)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self.data_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        self.seed_gen = torch.Generator().manual_seed(cfg.seed + 3)      # seeds of the in-kernel noise
-        self._order = torch.empty(0, dtype=torch.long)
-        self._pos = 0
+        # every rank draws its own noise; everything is seeded, so a run is reproducible
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + 1000 * self.rank)
+        self.seed_gen = torch.Generator().manual_seed(cfg.seed + 3 + 1000 * self.rank)   # seeds of in-kernel noise
 
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
     def next_batch(self) -> Tensor:
-        """The next ``batch_size`` blocks of a seeded permutation, reshuffled every epoch."""
-        B = self.cfg.batch_size
-        if self.train_blocks.shape[0] < B:
-            raise ValueError(f"only {self.train_blocks.shape[0]} training blocks for a batch of {B}")
-        if self._pos + B > self._order.numel():
-            self._order = torch.randperm(self.train_blocks.shape[0], generator=self.data_gen)
-            self._pos = 0
-        idx = self._order[self._pos:self._pos + B]
-        self._pos += B
-        return self.train_blocks[idx].to(self.device)
+        """This rank's next micro-batch of blocks (a seeded permutation per epoch, sharded by rank)."""
+        return self.train_blocks[self.order.next_indices()].to(self.device)
 
     def in_curriculum(self, step: int) -> bool:
         return self.ttable is not None and step < self.cfg.curriculum_end
 
-    def loss_on(self, x0: Tensor, step: int, model: DiT | None = None, discrete: bool = False) -> Tensor:
-        """Mean per-token NELBO of batch ``x0`` (B, L) at training step ``step``."""
-        model = model or self.model
+    def _inputs(self, x0: Tensor, step: int, discrete: bool) -> dict[str, Any]:
+        """The random part of one objective evaluation (section 3-5), drawn from this rank's generators."""
         cfg = self.cfg
-        B = x0.shape[0]
-        K = self.vocab_size
         if self.in_curriculum(step) and not discrete:
-            t = ref.stratified_times(B, generator=self.gen, device=self.device, dtype=torch.float64)
+            t = ref.stratified_times(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
             gamma = cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
             alpha, dT = self.ttable.alpha_and_derivative(gamma)
-            dalpha = (cfg.gamma_max - cfg.gamma_min) * dT
             seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_gen))
-            h0, zt = relaxed_embedding(x0, gamma, tau_at(cfg, step), model.vocab_embed.embedding, seed=seed,
-                                       mode=cfg.relax_mode, k=cfg.relax_k)
-            inputs, embeds = None, h0
-        else:
-            zt, alpha, dalpha = discrete_nelbo_draws(x0, K, self.gen)
-            inputs, embeds = zt, None
-        sigma = (-torch.log(alpha)).float()
-        check = cfg.check_every > 0 and step % cfg.check_every == 0
-        if not cfg.fused_loss:
-            return rb_loss(model(inputs, sigma, inputs_embeds=embeds), zt, x0, alpha, dalpha, check=check).mean()
-        h = model(inputs, sigma, inputs_embeds=embeds, return_hidden=True)
-        if h.is_cuda and model.autocast:
-            h = h.to(torch.bfloat16)                    # the projection runs in bf16 as under autocast
-        lin = model.output_layer.linear
-        return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha, check=check).mean()
+            return dict(sigma=(-torch.log(alpha)).float(), alpha=alpha, dalpha=(cfg.gamma_max - cfg.gamma_min) * dT,
+                        gamma=gamma, tau=tau_at(cfg, step), seed=seed)
+        zt, alpha, dalpha = discrete_nelbo_draws(x0, self.vocab_size, self.gen)
+        return dict(sigma=(-torch.log(alpha)).float(), alpha=alpha, dalpha=dalpha, zt=zt)
+
+    def loss_on(self, x0: Tensor, step: int, model: DiT | None = None, discrete: bool = False) -> Tensor:
+        """Mean per-token NELBO of micro-batch ``x0`` (B, L) at training step ``step``."""
+        check = self.cfg.check_every > 0 and step % self.cfg.check_every == 0
+        inputs = self._inputs(x0, step, discrete)
+        if model is None:
+            return self._forward(x0, check=check, **inputs)
+        return DuoObjective(model, self.cfg)(x0, check=check, **inputs)
+
+    def train_step(self, step: int) -> tuple[float, float, list[int]]:
+        """One optimizer update from ``accum`` micro-batches of this rank. Returns (mean loss,
+        gradient norm, checksums of the micro-batches' token ids)."""
+        self.objective.train()
+        losses, sums = [], []
+        for _ in range(self.accum):
+            x0 = self.next_batch()
+            sums.append(int(x0.sum()))
+            loss = self.loss_on(x0, step)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        self._update_ema()
+        return float(torch.stack(losses).mean()), self.engine.grad_norm(), sums
 
     def step(self, x0: Tensor, step: int) -> tuple[float, float]:
-        self.model.train()
+        """One optimizer update on the given batch (single process, plain engine)."""
+        if not isinstance(self.engine, TorchEngine) or self.accum != 1:
+            raise RuntimeError("Trainer.step(x0) needs the plain engine without accumulation; use train_step()")
+        self.objective.train()
         loss = self.loss_on(x0, step)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        self.opt.step()
-        self.sched.step()
-        if self.ema_model is not None:
-            with torch.no_grad():
-                for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
-                    pe.lerp_(p, 1 - self.cfg.ema)
-        return float(loss.detach()), float(gn)
+        self.engine.backward(loss)
+        self.engine.step()
+        self._update_ema()
+        return float(loss.detach()), self.engine.grad_norm()
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        with torch.no_grad(), self.engine.gathered():
+            for e, p in zip(self.ema, self.model.parameters()):
+                e.lerp_(p.detach().float(), 1 - self.cfg.ema)
+
+    def _ema_model(self) -> DiT:
+        model = DiT(self.model.config).to(self.device).eval()
+        with torch.no_grad():
+            for q, e in zip(model.parameters(), self.ema):
+                q.copy_(e)
+        return model
 
     @torch.no_grad()
-    def validate(self, model: DiT | None = None) -> float:
-        """Discrete NELBO (nats/token) on the first ``val_batches`` validation batches, with a
-        fixed seed so that calls are comparable."""
-        model = model or (self.ema_model if self.ema_model is not None else self.model)
-        model.eval()
+    def validate(self, use_ema: bool = True) -> float:
+        """Discrete NELBO (nats/token) on the first ``val_batches`` validation micro-batches,
+        with a fixed seed so that calls are comparable (averaged over ranks)."""
+        model = self._ema_model() if use_ema and self.ema is not None else None
+        self.objective.eval()
         saved = self.gen.get_state()
         self.gen.manual_seed(12345)
-        B = self.cfg.batch_size
+        B = self.micro
         losses = []
         for i in range(min(self.cfg.val_batches, max(1, self.val_blocks.shape[0] // B))):
             x0 = self.val_blocks[i * B:(i + 1) * B].to(self.device)
             losses.append(float(self.loss_on(x0, step=0, model=model, discrete=True)))
         self.gen.set_state(saved)
-        return sum(losses) / len(losses)
+        value = sum(losses) / len(losses)
+        return _mean_over_ranks(value, self.device)
 
-    def export(self, path: str | Path, step: int) -> Path:
-        model = self.ema_model if self.ema_model is not None else self.model
+    def export(self, path: str | Path, step: int) -> Path | None:
+        """The EMA (or raw) weights in the public HF layout, written by rank 0."""
         extra = {"tokenizer": self.cfg.tokenizer, "tokenizer_vocab": self.cfg.tokenizer_vocab, "step": step,
-                 "weights": "ema" if self.ema_model is not None else "raw"}
-        return save_hf_folder(model, path, extra=extra)
+                 "weights": "ema" if self.ema is not None else "raw"}
+        with self.engine.gathered():
+            if self.rank != 0:
+                return None
+            if self.ema is not None:
+                return save_hf_folder(self._ema_model(), path, extra=extra)
+            return save_hf_folder(self.model, path, extra=extra,
+                                  state_dict={k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+    # -- resumable checkpoints -------------------------------------------------------------
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "seed_gen": self.seed_gen.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "order": self.order.state_dict()}
+
+    def save_checkpoint(self, root: Path, step: int, metrics: dict[str, Any]) -> Path:
+        """Write a resumable checkpoint after ``step`` (a collective). It is assembled in a
+        temporary folder and renamed when complete; older checkpoints are deleted only then."""
+        final = root / f"step{step:09d}"
+        tmp = root / f".tmp-step{step:09d}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        self.engine.save(tmp)
+        torch.save(self._rank_state(), tmp / f"rank{self.rank}.pt")
+        if self.rank == 0:
+            torch.save({"step": step, "ema": self.ema, "metrics": metrics, "world": self.world,
+                        "vocab_size": self.vocab_size, "config": dataclasses.asdict(self.cfg)}, tmp / "trainer.pt")
+        barrier()
+        if os.environ.get("DUO_FAST_TEST_DIE_IN_SAVE") == str(step):      # tests: a crash mid-save
+            os._exit(17)
+        if self.rank == 0:
+            (tmp / "COMPLETE").write_text(str(step))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in root.glob("step*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, metrics)."""
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        if state["world"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run has {self.world}")
+        if state["vocab_size"] != self.vocab_size:
+            raise ValueError(f"checkpoint {path} has a vocabulary of {state['vocab_size']}, but the tokenizer "
+                             f"{self.cfg.tokenizer!r} gives {self.vocab_size}: they do not belong together")
+        self.engine.load(path)
+        mine = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+        self.gen.set_state(mine["gen"])
+        self.seed_gen.set_state(mine["seed_gen"])
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        self.order.load_state_dict(mine["order"])
+        if self.ema is not None:
+            self.ema = [e.to(self.device) for e in state["ema"]]
+        return state
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (half-written ones are never renamed)."""
+    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").exists())
+    return done[-1] if done else None
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [values]
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
+
+
+def model_flops_per_token(cfg: DiTConfig, length: int) -> float:
+    """Training FLOPs per token: 3 x (2 per weight of the blocks and the output projection +
+    4 L D per block for the attention scores and their product with the values). The input
+    embedding is a lookup (or, in the curriculum, a relaxation not counted here)."""
+    return 3.0 * (2.0 * cfg.num_parameters(include_embedding=False) + 4.0 * cfg.n_blocks * length * cfg.hidden_dim)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    from .bench.suite import DEVICE_PEAKS
+
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f, _ in DEVICE_PEAKS if key in name), None)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop writes a checkpoint at the end of the step and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training; writes ``out/log.jsonl``, ``out/export`` and ``out/summary.json``."""
+    """Run training; writes ``out/log.jsonl``, ``out/checkpoints``, ``out/export`` and ``out/summary.json``."""
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     tr = Trainer(cfg)
+    rank0 = tr.rank == 0
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
     K, L, B = tr.vocab_size, cfg.length, cfg.batch_size
-    print(f"duo-fast train: {cfg.model} model ({sum(p.numel() for p in tr.model.parameters()) / 1e6:.1f}M params), "
-          f"K={K}, L={L}, batch={B}, {tr.train_blocks.shape[0]} train / {tr.val_blocks.shape[0]} val blocks, "
-          f"device={tr.device}, curriculum for {min(cfg.curriculum_end, cfg.steps)} of {cfg.steps} steps")
-    val_start = tr.validate(tr.model)
-    val_curriculum = None
-    losses: dict[str, list[float]] = {"curriculum": [], "discrete": []}
-    phase_tokens = {"curriculum": 0, "discrete": 0}
-    phase_seconds = {"curriculum": 0.0, "discrete": 0.0}
-    log = open(out / "log.jsonl", "w")
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train", dynamic_ncols=True)
-    for step in bar:
-        x0 = tr.next_batch()
-        phase = "curriculum" if tr.in_curriculum(step) else "discrete"
-        t0 = time.perf_counter()
-        loss, gn = tr.step(x0, step)
-        if tr.device.type == "cuda":
-            torch.cuda.synchronize()
-        phase_seconds[phase] += time.perf_counter() - t0
-        phase_tokens[phase] += B * L
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
-        losses[phase].append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}", phase=phase[:5])
-        if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
-            val_curriculum = tr.validate()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "loss": loss, "grad_norm": gn, "lr": tr.sched.get_last_lr()[0], "phase": phase,
-                   "tau": tau_at(cfg, step) if phase == "curriculum" else None}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-    log.close()
+    ckpt_root = out / "checkpoints"
+    start, metrics = 0, {"losses": {"curriculum": [], "discrete": []}, "tokens": {"curriculum": 0, "discrete": 0},
+                         "seconds": {"curriculum": 0.0, "discrete": 0.0}, "val_start": None, "val_curriculum": None}
+    resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if resumed is not None:
+        state = tr.load_checkpoint(resumed)
+        start, metrics = state["step"] + 1, state["metrics"]
+    if rank0:
+        engine = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
+        print(f"duo-fast train: {cfg.model} model ({tr.model.config.num_parameters() / 1e6:.1f}M params), K={K}, "
+              f"L={L}, batch={B} ({tr.world} x {tr.micro} x {tr.accum} accumulation), {engine}, "
+              f"{tr.train_blocks.shape[0]} train / {tr.val_blocks.shape[0]} val blocks, device={tr.device}, "
+              f"curriculum for {min(cfg.curriculum_end, cfg.steps)} of {cfg.steps} steps"
+              + (f"; resumed from {resumed} at step {start}" if resumed is not None else ""))
+    if metrics["val_start"] is None:
+        metrics["val_start"] = tr.validate(use_ema=False)
+    flops_tok, peak = model_flops_per_token(tr.model.config, L), _peak_flops(tr.device)
+    log = open(out / "log.jsonl", "a") if rank0 else None
+    tb = None
+    if cfg.tensorboard and rank0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
+    stop = _StopFlag()
+    test_signal_at = os.environ.get("DUO_FAST_TEST_SIGNAL_AT_STEP")          # tests: a signal mid-run
+    bar = tqdm(range(start, cfg.steps), disable=not (cfg.progress and rank0), desc="train", dynamic_ncols=True,
+               initial=start, total=cfg.steps)
+    step = start - 1
+    try:
+        for step in bar:
+            phase = "curriculum" if tr.in_curriculum(step) else "discrete"
+            t0 = time.perf_counter()
+            loss, gn, sums = tr.train_step(step)
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            loss = _mean_over_ranks(loss, tr.device)
+            metrics["seconds"][phase] += dt
+            metrics["tokens"][phase] += B * L
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}")
+            metrics["losses"][phase].append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", phase=phase[:5])
+            if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
+                metrics["val_curriculum"] = tr.validate()
+            checksums = _gather_ints(sums, tr.device)
+            if rank0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+                tps = B * L / dt
+                rec = {"step": step, "loss": loss, "grad_norm": gn, "lr": tr.engine.lr(), "phase": phase,
+                       "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,
+                       "mfu": tps * flops_tok / peak if peak else None, "batch_checksums": checksums}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if tb is not None:
+                    for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                        tb.add_scalar(f"train/{k}", rec[k], step)
+            if test_signal_at is not None and step == int(test_signal_at):
+                os.kill(os.getpid(), signal.SIGTERM)
+            if stop.signum is not None or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                path = tr.save_checkpoint(ckpt_root, step, metrics)
+                if stop.signum is not None:
+                    if rank0:
+                        print(f"duo-fast train: signal {stop.signum} at step {step}: checkpoint {path}; "
+                              f"run the same command to continue")
+                    raise SystemExit(128 + stop.signum)
+    finally:
+        stop.restore()
+        if log is not None:
+            log.close()
+    if latest_checkpoint(ckpt_root) != ckpt_root / f"step{cfg.steps - 1:09d}":
+        tr.save_checkpoint(ckpt_root, cfg.steps - 1, metrics)        # the finished run can be extended
     val_end = tr.validate()
     export = tr.export(out / "export", cfg.steps)
+    if not rank0:
+        return {}
     phases = {}
-    for k, v in losses.items():
+    for k, v in metrics["losses"].items():
         if v:
             n = max(1, min(20, len(v) // 4))
             phases[k] = {"steps": len(v), "loss_first": sum(v[:n]) / n, "loss_last": sum(v[-n:]) / n, "window": n}
+    tokens_per_s = {k: metrics["tokens"][k] / metrics["seconds"][k] for k in metrics["tokens"] if metrics["seconds"][k] > 0}
     summary = {
-        "train_loss": phases, "val_nelbo_start": val_start, "val_nelbo_after_curriculum": val_curriculum,
-        "val_nelbo_end": val_end,
-        "val_ppl_bound_end": math.exp(min(val_end, 50.0)),
-        "tokens_per_s": {k: phase_tokens[k] / phase_seconds[k] for k in phase_tokens if phase_seconds[k] > 0},
-        "export": str(export), "config": dataclasses.asdict(cfg),
+        "train_loss": phases, "val_nelbo_start": metrics["val_start"],
+        "val_nelbo_after_curriculum": metrics["val_curriculum"], "val_nelbo_end": val_end,
+        "val_ppl_bound_end": math.exp(min(val_end, 50.0)), "tokens_per_s": tokens_per_s,
+        "mfu": {k: v * flops_tok / peak for k, v in tokens_per_s.items()} if peak else None,
+        "world_size": tr.world, "zero_stage": cfg.zero_stage, "export": str(export), "config": dataclasses.asdict(cfg),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for k, v in phases.items():
         print(f"train loss, {k} phase ({v['steps']} steps; mean of {v['window']}, noisy: one t per sequence): "
               f"start {v['loss_first']:.4f} -> end {v['loss_last']:.4f}")
-    mid = f" -> after the curriculum {val_curriculum:.4f}" if val_curriculum is not None else ""
-    print(f"validation NELBO (discrete loss, nats/token, fixed seed): start {val_start:.4f}{mid} -> end {val_end:.4f} "
-          f"(perplexity bound {summary['val_ppl_bound_end']:.1f})")
-    for k, v in summary["tokens_per_s"].items():
-        print(f"training throughput, {k} phase: {v:,.0f} tokens/s")
-    print(f"exported {'EMA' if tr.ema_model is not None else 'raw'} weights to {export}")
+    mid = f" -> after the curriculum {metrics['val_curriculum']:.4f}" if metrics["val_curriculum"] is not None else ""
+    print(f"validation NELBO (discrete loss, nats/token, fixed seed): start {metrics['val_start']:.4f}{mid} -> end "
+          f"{val_end:.4f} (perplexity bound {summary['val_ppl_bound_end']:.1f})")
+    for k, v in tokens_per_s.items():
+        print(f"training throughput, {k} phase: {v:,.0f} tokens/s"
+              + (f", MFU {summary['mfu'][k]:.1%}" if summary["mfu"] else ""))
+    print(f"exported {'EMA' if tr.ema is not None else 'raw'} weights to {export}")
     return summary

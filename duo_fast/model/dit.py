@@ -171,8 +171,9 @@ class DDitFinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
         return modulate(self.norm_final(x), shift, scale)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        return self.linear(self.hidden(x, c))
+    def forward(self, x: Tensor, c: Tensor, return_hidden: bool = False) -> Tensor:
+        h = self.hidden(x, c)
+        return h if return_hidden else self.linear(h)
 
 
 class DiT(nn.Module):
@@ -226,9 +227,8 @@ class DiT(nn.Module):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=h.is_cuda and self.autocast):
             for block in self.blocks:
                 h = block(h, cos, sin, c)
-            if return_hidden:
-                return self.output_layer.hidden(h, c)
-            return self.output_layer(h, c)
+            # through __call__ either way: module hooks (ZeRO-3 gathering) must see this layer run
+            return self.output_layer(h, c, return_hidden=return_hidden)
 
     def _check_ids(self, ids: Tensor) -> None:
         # Out-of-range ids would silently read garbage rows on GPU; checked without a host sync.
