@@ -75,6 +75,13 @@ add bench_rb_loss "$PY bench/bench_rb_loss.py --device cuda --tokens 32768 --voc
 add bench_relaxed "$PY bench/bench_relaxed.py --device cuda --batch 32 --length 1024 --vocab 50257 --dim 768 --dtype bf16 --json $OUT/bench_relaxed.json"
 add bench_sample "$PY bench/bench_sample.py --device cuda --batch 16 --length 1024 --vocab 50257 --steps 8 --preset small --json $OUT/bench_sample.json"
 add bench_ttable "$PY bench/bench_ttable.py --device cuda --n 10000000 --json $OUT/bench_ttable.json"
+if [ ${#SKIPS[@]} -eq 0 ] || [[ ! " ${SKIPS[*]} " =~ " deepspeed " ]]; then
+  # issue #7: the small model at L = 1024 under ZeRO-2 on one GPU, curriculum then discrete (bundled corpus and
+  # tokenizer: no network here, so K = 4096, not 50257; the suite's train group has the K = 50257 step)
+  add train_zero2 "$PY -m torch.distributed.run --nproc_per_node 1 -m duo_fast.cli train --model small --dataset bundled --tokenizer bundled --tokenizer-vocab 4096 --length 1024 --batch-size 16 --micro-batch-size 8 --zero-stage 2 --steps 40 --curriculum-end 20 --warmup-steps 10 --ema 0.999 --val-batches 2 --log-every 5 --progress false --out $OUT/train_zero2"
+else
+  echo "gpu_check: deepspeed is not installed: skipping train_zero2 (ZeRO-2 training figures of #7)"
+fi
 
 if [ $DRY = 1 ]; then
   echo "gpu_check: dry run; results would go to $OUT; steps (each under timeout ${STEP_TIMEOUT}s):"

@@ -186,7 +186,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DISTILL_PRESETS, DistillConfig, distill
 
-    distill(config_from_args(args, DistillConfig, DISTILL_PRESETS))
+    cfg = config_from_args(args, DistillConfig, DISTILL_PRESETS)
+    try:
+        distill(cfg)
+    except (ValueError, FileNotFoundError) as e:       # bad input found before distilling: a clear message
+        raise SystemExit(f"duo-fast distill: {e}") from e
     return 0
 
 

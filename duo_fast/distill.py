@@ -9,6 +9,11 @@ linear growth), capped at 1. Each step: stratified ``t``, ``t <- clip(t + dt, 0,
 the student's log-probabilities at ``(z_t, -log alpha_t)`` (with gradient) against the teacher's
 at ``(z_s, -log alpha_s)`` (no gradient, float32); loss ``KL(student || teacher)`` (``kl-bwd``) or
 ``KL(teacher || student)`` (``kl-fwd``) summed over the vocabulary, mean over tokens.
+
+Runs in one process or under DeepSpeed ZeRO 1-3 like ``duo-fast train``, with the same
+resumable checkpoints (the teacher, the round and the EMA included) and signal handling. The
+teacher is a full copy on every rank (it only runs forward); under ZeRO-3 it is refreshed from
+the gathered student.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import reference as ref
 from .checkpoint import save_hf_folder
 from .data import get_tokenizer
 from .data.blocks import BlockOrder, cached_blocks
+from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
 from .evaluate import check_tokenizer_vocab
+from .model import DiT
 from .ops import coupled_latents
+from .resume import (StopFlag, generator_states, latest_checkpoint, mean_over_ranks, read_checkpoint,
+                     set_generator_states, write_checkpoint)
 from .options import option
 from .ttable import TTable
 
@@ -61,6 +70,10 @@ class DistillConfig:
     loss: str = option("kl-bwd", "kl-bwd: KL(student || teacher); kl-fwd: KL(teacher || student)")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu or cuda[:N]")
+    zero_stage: int = option(0, "0: plain PyTorch in one process; 1, 2, 3: DeepSpeed ZeRO stage (torchrun/deepspeed)")
+    micro_batch_size: int = option(0, "sequences per rank per forward/backward (0: batch_size / world size)")
+    save_every: int = option(0, "steps between resumable checkpoints in OUT/checkpoints (0: at the end and on signals)")
+    resume: bool = option(True, "continue from the newest complete checkpoint in OUT/checkpoints, if any")
     log_every: int = option(1, "steps between lines of the JSONL log")
     out: str = option("runs/distill", "output folder: log.jsonl, export/, summary.json")
     progress: bool = option(True, "show a progress bar")
@@ -78,6 +91,8 @@ class DistillConfig:
             raise ValueError("batch_size, steps, update_every and t_grid must be >= 1")
         if not self.gamma_min < self.gamma_max:
             raise ValueError("gamma_min must be below gamma_max")
+        if self.zero_stage not in (0, 1, 2, 3) or self.micro_batch_size < 0 or self.save_every < 0:
+            raise ValueError("zero_stage must be 0-3; micro_batch_size and save_every >= 0")
 
 
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
@@ -94,6 +109,18 @@ def dcd_gap(step: int, cfg: DistillConfig) -> tuple[int, float]:
     return n, min(1.0, dt)
 
 
+class DCDObjective(nn.Module):
+    """The student's DCD loss as one module (so that engines and ZeRO-3 see its parameters):
+    ``forward(zt, sigma_t, teacher_logits)`` -> mean KL over tokens."""
+
+    def __init__(self, student: DiT, direction: str) -> None:
+        super().__init__()
+        self.student, self.direction = student, direction
+
+    def forward(self, zt: Tensor, sigma_t: Tensor, teacher_logits: Tensor) -> Tensor:
+        return _kl(self.student(zt, sigma_t), teacher_logits, self.direction).mean()
+
+
 def _kl(student_logits: Tensor, teacher_logits: Tensor, direction: str) -> Tensor:
     """Per-token KL over the vocabulary, float32."""
     ls = student_logits.float().log_softmax(-1)
@@ -104,13 +131,14 @@ def _kl(student_logits: Tensor, teacher_logits: Tensor, direction: str) -> Tenso
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Run DCD; writes ``out/log.jsonl``, ``out/export`` (HF layout) and ``out/summary.json``."""
+    """Run DCD; writes ``out/log.jsonl``, ``out/checkpoints``, ``out/export`` (HF layout) and ``out/summary.json``."""
     from tqdm.auto import tqdm
 
     from .pretrained import load_pretrained
     from .train import resolve_device
 
-    device = resolve_device(cfg.device)
+    device, rank, world, micro, accum = placement(resolve_device(cfg.device), cfg.batch_size, cfg.micro_batch_size,
+                                                  cfg.zero_stage)
     torch.manual_seed(cfg.seed)
     student, info = load_pretrained(cfg.checkpoint, device=device)
     K = student.config.vocab_size
@@ -118,77 +146,140 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     tok_name = cfg.tokenizer or info.extra.get("tokenizer") or {50257: "gpt2", 50258: "gpt2"}.get(K, "")
     if not tok_name:
         raise ValueError("the checkpoint names no tokenizer: pass --tokenizer")
-    tokenizer = get_tokenizer(tok_name, info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab))
-    check_tokenizer_vocab(tokenizer, K)
     tok_vocab = info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab)
+    tokenizer = get_tokenizer(tok_name, tok_vocab)
+    check_tokenizer_vocab(tokenizer, K)
     tok_key = f"{tok_name}-{tok_vocab}" if tok_name == "bundled" else tok_name
+    if rank == 0:
+        cached_blocks(cfg.dataset, "train", tokenizer, tok_key, L)
+    init_distributed(device)
+    barrier()
     blocks = cached_blocks(cfg.dataset, "train", tokenizer, tok_key, L)
     if blocks.shape[0] < cfg.batch_size:
         raise ValueError(f"only {blocks.shape[0]} blocks of length {L} for a batch of {cfg.batch_size}")
-    order = BlockOrder(blocks.shape[0], cfg.batch_size, seed=cfg.seed + 3)
+    order = BlockOrder(blocks.shape[0], micro, seed=cfg.seed + 3, rank=rank, world=world)
     student.train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    ema_model = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ema > 0 else None
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    objective = DCDObjective(student, cfg.loss)
+    args = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
+    if cfg.zero_stage:
+        engine = DeepSpeedEngine(objective, cfg.zero_stage, micro, accum, world, device=device, **args)
+        forward = engine.engine
+    else:
+        engine = TorchEngine(objective, accum=accum, **args)
+        forward = objective
+    with engine.gathered():
+        ema = [p.detach().float().clone() for p in student.parameters()] if cfg.ema > 0 else None
     table = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    seed_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    gens = {"gen": torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * rank),
+            "seed_gen": torch.Generator().manual_seed(cfg.seed + 2 + 1000 * rank)}
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "w")
-    print(f"duo-fast distill: {info.preset or 'custom'} model from {cfg.checkpoint}, K={K}, L={L}, "
-          f"batch={cfg.batch_size}, {cfg.steps} steps, rounds of {cfg.update_every}, {cfg.loss}, device={device}")
-    losses: list[float] = []
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    ckpt_root = out / "checkpoints"
+    start, losses = 0, []
+    resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if resumed is not None:
+        shared, mine = read_checkpoint(resumed, engine, rank)
+        if shared["world"] != world:
+            raise ValueError(f"checkpoint {resumed} was written by {shared['world']} processes, this run has {world}")
+        teacher.load_state_dict(shared["teacher"])
+        ema = None if shared["ema"] is None else [e.to(device) for e in shared["ema"]]
+        set_generator_states(gens, mine["rng"], device)
+        order.load_state_dict(mine["order"])
+        start, losses = shared["step"] + 1, shared["losses"]
+
+    def checkpoint(step: int) -> Path:
+        shared = {"step": step, "teacher": teacher.state_dict(), "ema": ema, "losses": losses, "world": world,
+                  "config": dataclasses.asdict(cfg)}
+        return write_checkpoint(ckpt_root, step, engine, rank, shared,
+                                {"rng": generator_states(gens, device), "order": order.state_dict()})
+
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    if rank == 0:
+        engine_name = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
+        print(f"duo-fast distill: {info.preset} model from {cfg.checkpoint}, K={K}, L={L}, batch={cfg.batch_size} "
+              f"({world} x {micro} x {accum}), {engine_name}, {cfg.steps} steps, rounds of {cfg.update_every}, "
+              f"{cfg.loss}, device={device}" + (f"; resumed at step {start}" if resumed is not None else ""))
+    stop = StopFlag()
     t_start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="distill", dynamic_ncols=True)
-    for step in bar:
-        rnd, dt = dcd_gap(step, cfg)
-        refreshed = step > 0 and step % cfg.update_every == 0
-        if refreshed:
-            src = ema_model if cfg.teacher_from == "ema" else student
-            teacher.load_state_dict(src.state_dict())
-        x0 = blocks[order.next_indices()].to(device)
-        t = ref.stratified_times(cfg.batch_size, generator=gen, device=device, dtype=torch.float64)
-        t = (t + dt).clamp(0.0, 1.0)
-        s = t - dt
-        span = cfg.gamma_max - cfg.gamma_min
-        gamma_t, gamma_s = cfg.gamma_min + t * span, cfg.gamma_min + s * span
-        alpha_t, alpha_s = table.alpha_and_derivative(gamma_t)[0], table.alpha_and_derivative(gamma_s)[0]
-        zt, zs = coupled_latents(x0, gamma_t, gamma_s, K, seed=int(torch.randint(0, 2**62, (1,), generator=seed_gen)))
-        with torch.no_grad():
-            teacher_logits = teacher(zs, (-torch.log(alpha_s)).float())
-        loss = _kl(student(zt, (-torch.log(alpha_t)).float()), teacher_logits, cfg.loss).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        opt.step()
-        sched.step()
-        if ema_model is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema_model.parameters(), student.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"distillation loss is {value} at step {step}")
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.4f}", dt=f"{dt:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps - 1 or refreshed:
-            log.write(json.dumps({"step": step, "loss": value, "round": rnd, "dt": dt, "teacher_refreshed": refreshed,
-                                  "lr": sched.get_last_lr()[0], "grad_norm": float(gn)}) + "\n")
-            log.flush()
-    log.close()
+    bar = tqdm(range(start, cfg.steps), disable=not (cfg.progress and rank == 0), desc="distill", dynamic_ncols=True,
+               initial=start, total=cfg.steps)
+    span = cfg.gamma_max - cfg.gamma_min
+    step = start - 1
+    try:
+        for step in bar:
+            rnd, dt = dcd_gap(step, cfg)
+            refreshed = step > 0 and step % cfg.update_every == 0
+            if refreshed:                               # a new round: the teacher takes the student's (or EMA) weights
+                with torch.no_grad(), engine.gathered():
+                    src = ema if cfg.teacher_from == "ema" else [p.detach() for p in student.parameters()]
+                    for q, v in zip(teacher.parameters(), src):
+                        q.copy_(v)
+            objective.train()
+            step_losses = []
+            for _ in range(accum):
+                x0 = blocks[order.next_indices()].to(device)
+                t = ref.stratified_times(micro, generator=gens["gen"], device=device, dtype=torch.float64)
+                t = (t + dt).clamp(0.0, 1.0)
+                s = t - dt
+                gamma_t, gamma_s = cfg.gamma_min + t * span, cfg.gamma_min + s * span
+                alpha_t, alpha_s = table.alpha_and_derivative(gamma_t)[0], table.alpha_and_derivative(gamma_s)[0]
+                seed = int(torch.randint(0, 2**62, (1,), generator=gens["seed_gen"]))
+                zt, zs = coupled_latents(x0, gamma_t, gamma_s, K, seed=seed)
+                with torch.no_grad():
+                    teacher_logits = teacher(zs, (-torch.log(alpha_s)).float())
+                loss = forward(zt, (-torch.log(alpha_t)).float(), teacher_logits)
+                engine.backward(loss)
+                engine.step()
+                step_losses.append(loss.detach())
+            if ema is not None:
+                with torch.no_grad(), engine.gathered():
+                    for e, p in zip(ema, student.parameters()):
+                        e.lerp_(p.detach().float(), 1 - cfg.ema)
+            value = mean_over_ranks(float(torch.stack(step_losses).mean()), device)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"distillation loss is {value} at step {step}")
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", dt=f"{dt:.4f}")
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1 or refreshed):
+                log.write(json.dumps({"step": step, "loss": value, "round": rnd, "dt": dt, "teacher_refreshed": refreshed,
+                                      "lr": engine.lr(), "grad_norm": engine.grad_norm()}) + "\n")
+                log.flush()
+            stopping = stop.after_step(step)
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                path = checkpoint(step)
+                if stopping:
+                    if rank == 0:
+                        print(f"duo-fast distill: signal {stop.signum} at step {step}: checkpoint {path}; "
+                              f"run the same command to continue")
+                    raise SystemExit(128 + stop.signum)
+    finally:
+        stop.restore()
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t_start
-    final = ema_model if ema_model is not None else student
-    export = save_hf_folder(final, out / "export", extra={
-        "tokenizer": tok_name, "tokenizer_vocab": tok_vocab,
-        "distilled_from": cfg.checkpoint, "steps": cfg.steps, "weights": "ema" if ema_model is not None else "raw"})
+    if latest_checkpoint(ckpt_root) != ckpt_root / f"step{cfg.steps - 1:09d}":
+        checkpoint(cfg.steps - 1)
+    extra = {"tokenizer": tok_name, "tokenizer_vocab": tok_vocab, "distilled_from": cfg.checkpoint,
+             "steps": cfg.steps, "weights": "ema" if ema is not None else "raw"}
+    with engine.gathered():
+        if rank != 0:
+            return {}
+        final = copy.deepcopy(student).eval()
+        if ema is not None:
+            with torch.no_grad():
+                for q, e in zip(final.parameters(), ema):
+                    q.copy_(e)
+        export = save_hf_folder(final, out / "export", extra=extra)
     n = max(1, min(10, len(losses) // 4))
-    summary = {"loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n, "rounds": dcd_gap(cfg.steps - 1, cfg)[0] + 1,
-               "tokens_per_s": cfg.steps * cfg.batch_size * L / seconds, "export": str(export),
+    summary = {"loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n,
+               "rounds": dcd_gap(cfg.steps - 1, cfg)[0] + 1, "world_size": world, "zero_stage": cfg.zero_stage,
+               "tokens_per_s": (cfg.steps - start) * cfg.batch_size * L / max(seconds, 1e-9), "export": str(export),
                "config": dataclasses.asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"distillation loss ({cfg.loss}): start {summary['loss_first']:.4f} -> end {summary['loss_last']:.4f} "
           f"over {summary['rounds']} rounds; {summary['tokens_per_s']:,.0f} tokens/s")
-    print(f"exported {'EMA' if ema_model is not None else 'raw'} weights to {export}")
+    print(f"exported {'EMA' if ema is not None else 'raw'} weights to {export}")
     return summary

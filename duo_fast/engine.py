@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["world_info", "init_distributed", "TorchEngine", "DeepSpeedEngine", "zero_config", "barrier"]
+__all__ = ["world_info", "placement", "init_distributed", "TorchEngine", "DeepSpeedEngine", "zero_config", "barrier"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -29,6 +29,22 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def world_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment (1 process without one)."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def placement(device: torch.device, batch_size: int, micro_batch_size: int,
+              zero_stage: int) -> tuple[torch.device, int, int, int, int]:
+    """(device of this rank, rank, world, micro-batch per rank, accumulation steps), with the
+    batch layout checked: ``batch_size = micro x accumulation x world``."""
+    rank, world, local = world_info()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and zero_stage == 0:
+        raise ValueError(f"{world} processes need DeepSpeed: set zero_stage to 1, 2 or 3")
+    micro = micro_batch_size or batch_size // world
+    if micro < 1 or batch_size % (micro * world):
+        raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x {world} processes")
+    return device, rank, world, micro, batch_size // (micro * world)
 
 
 def init_distributed(device: torch.device) -> None:

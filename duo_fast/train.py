@@ -21,9 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +33,17 @@ from . import reference as ref
 from .checkpoint import save_hf_folder
 from .data import get_tokenizer
 from .data.blocks import BlockOrder, cached_blocks
-from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, world_info
+from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
+from .resume import (StopFlag, gather_ints, generator_states, latest_checkpoint, mean_over_ranks, read_checkpoint,
+                     set_generator_states, write_checkpoint)
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
 from .options import option
 from .ttable import TTable
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "tau_at", "resolve_device"]
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "tau_at", "resolve_device",
+           "latest_checkpoint"]
 
 
 @dataclass
@@ -186,18 +186,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.rank, self.world, local = world_info()
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", local)
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and cfg.zero_stage == 0:
-            raise ValueError(f"{self.world} processes need DeepSpeed: set zero_stage to 1, 2 or 3")
-        micro = cfg.micro_batch_size or cfg.batch_size // self.world
-        if micro < 1 or cfg.batch_size % (micro * self.world):
-            raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
-                             f"{self.world} processes")
-        self.micro, self.accum = micro, cfg.batch_size // (micro * self.world)
+        self.device, self.rank, self.world, micro, self.accum = placement(
+            resolve_device(cfg.device), cfg.batch_size, cfg.micro_batch_size, cfg.zero_stage)
+        self.micro = micro
         torch.manual_seed(cfg.seed)
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_vocab)
         K = len(self.tokenizer)
@@ -323,7 +314,7 @@ class Trainer:
             losses.append(float(self.loss_on(x0, step=0, model=model, discrete=True)))
         self.gen.set_state(saved)
         value = sum(losses) / len(losses)
-        return _mean_over_ranks(value, self.device)
+        return mean_over_ranks(value, self.device)
 
     def export(self, path: str | Path, step: int) -> Path | None:
         """The EMA (or raw) weights in the public HF layout, written by rank 0."""
@@ -339,84 +330,30 @@ class Trainer:
 
     # -- resumable checkpoints -------------------------------------------------------------
 
-    def _rank_state(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state(), "seed_gen": self.seed_gen.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "order": self.order.state_dict()}
+    def _gens(self) -> dict[str, torch.Generator]:
+        return {"gen": self.gen, "seed_gen": self.seed_gen}
 
     def save_checkpoint(self, root: Path, step: int, metrics: dict[str, Any]) -> Path:
-        """Write a resumable checkpoint after ``step`` (a collective). It is assembled in a
-        temporary folder and renamed when complete; older checkpoints are deleted only then."""
-        final = root / f"step{step:09d}"
-        tmp = root / f".tmp-step{step:09d}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        self.engine.save(tmp)
-        torch.save(self._rank_state(), tmp / f"rank{self.rank}.pt")
-        if self.rank == 0:
-            torch.save({"step": step, "ema": self.ema, "metrics": metrics, "world": self.world,
-                        "vocab_size": self.vocab_size, "config": dataclasses.asdict(self.cfg)}, tmp / "trainer.pt")
-        barrier()
-        if os.environ.get("DUO_FAST_TEST_DIE_IN_SAVE") == str(step):      # tests: a crash mid-save
-            os._exit(17)
-        if self.rank == 0:
-            (tmp / "COMPLETE").write_text(str(step))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in root.glob("step*"):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
+        """A resumable checkpoint after ``step`` (a collective; see ``duo_fast.resume``)."""
+        shared = {"step": step, "ema": self.ema, "metrics": metrics, "world": self.world,
+                  "vocab_size": self.vocab_size, "config": dataclasses.asdict(self.cfg)}
+        mine = {"rng": generator_states(self._gens(), self.device), "order": self.order.state_dict()}
+        return write_checkpoint(root, step, self.engine, self.rank, shared, mine)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, metrics)."""
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        if state["world"] != self.world:
-            raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run has {self.world}")
-        if state["vocab_size"] != self.vocab_size:
-            raise ValueError(f"checkpoint {path} has a vocabulary of {state['vocab_size']}, but the tokenizer "
+        """Restore everything ``save_checkpoint`` wrote; returns the shared state (step, metrics)."""
+        shared = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if shared["world"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {shared['world']} processes, this run has {self.world}")
+        if shared["vocab_size"] != self.vocab_size:
+            raise ValueError(f"checkpoint {path} has a vocabulary of {shared['vocab_size']}, but the tokenizer "
                              f"{self.cfg.tokenizer!r} gives {self.vocab_size}: they do not belong together")
-        self.engine.load(path)
-        mine = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
-        self.gen.set_state(mine["gen"])
-        self.seed_gen.set_state(mine["seed_gen"])
-        torch.set_rng_state(mine["torch"])
-        if mine["cuda"] is not None:
-            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        shared, mine = read_checkpoint(path, self.engine, self.rank)
+        set_generator_states(self._gens(), mine["rng"], self.device)
         self.order.load_state_dict(mine["order"])
         if self.ema is not None:
-            self.ema = [e.to(self.device) for e in state["ema"]]
-        return state
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (half-written ones are never renamed)."""
-    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").exists())
-    return done[-1] if done else None
-
-
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
-def _gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [values]
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [o.tolist() for o in out]
+            self.ema = [e.to(self.device) for e in shared["ema"]]
+        return shared
 
 
 def model_flops_per_token(cfg: DiTConfig, length: int) -> float:
@@ -433,21 +370,6 @@ def _peak_flops(device: torch.device) -> float | None:
 
     name = torch.cuda.get_device_name(device)
     return next((f for key, f, _ in DEVICE_PEAKS if key in name), None)
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop writes a checkpoint at the end of the step and exits."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -487,8 +409,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             tb = SummaryWriter(str(out / "tb"))
         except ImportError:
             print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
-    stop = _StopFlag()
-    test_signal_at = os.environ.get("DUO_FAST_TEST_SIGNAL_AT_STEP")          # tests: a signal mid-run
+    stop = StopFlag()
     bar = tqdm(range(start, cfg.steps), disable=not (cfg.progress and rank0), desc="train", dynamic_ncols=True,
                initial=start, total=cfg.steps)
     step = start - 1
@@ -500,7 +421,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if tr.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            loss = _mean_over_ranks(loss, tr.device)
+            loss = mean_over_ranks(loss, tr.device)
             metrics["seconds"][phase] += dt
             metrics["tokens"][phase] += B * L
             if not math.isfinite(loss):
@@ -509,7 +430,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss:.3f}", phase=phase[:5])
             if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
                 metrics["val_curriculum"] = tr.validate()
-            checksums = _gather_ints(sums, tr.device)
+            checksums = gather_ints(sums, tr.device)
             if rank0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
                 tps = B * L / dt
                 rec = {"step": step, "loss": loss, "grad_norm": gn, "lr": tr.engine.lr(), "phase": phase,
@@ -520,11 +441,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if tb is not None:
                     for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
                         tb.add_scalar(f"train/{k}", rec[k], step)
-            if test_signal_at is not None and step == int(test_signal_at):
-                os.kill(os.getpid(), signal.SIGTERM)
-            if stop.signum is not None or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            stopping = stop.after_step(step)
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 path = tr.save_checkpoint(ckpt_root, step, metrics)
-                if stop.signum is not None:
+                if stopping:
                     if rank0:
                         print(f"duo-fast train: signal {stop.signum} at step {step}: checkpoint {path}; "
                               f"run the same command to continue")

@@ -8,22 +8,17 @@ import json
 import pytest
 import torch
 
-from duo_fast.checkpoint import save_hf_folder
 from duo_fast.cli import main
-from duo_fast.data import get_tokenizer
 from duo_fast.distill import DistillConfig, _kl, dcd_gap
-from duo_fast.model import DiT, DiTConfig
 
 
 def _teacher_checkpoint(tmp_path) -> str:
-    """A small model in the export layout of `duo-fast train` (bundled tokenizer named inside)."""
-    K = len(get_tokenizer("bundled", 512))
-    torch.manual_seed(0)
-    model = DiT(DiTConfig.from_name("tiny", vocab_size=K, model_length=32, n_blocks=2, dropout=0.0))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return str(save_hf_folder(model, tmp_path / "teacher", extra={"tokenizer": "bundled", "tokenizer_vocab": 512}))
+    """The export of a short `duo-fast train` run (bundled tokenizer named in its config.json)."""
+    out = tmp_path / "trained"
+    assert main(["train", "--model", "tiny", "--tokenizer", "bundled", "--tokenizer-vocab", "512", "--length", "32",
+                 "--batch-size", "4", "--steps", "4", "--curriculum-end", "2", "--ema", "0", "--val-batches", "1",
+                 "--progress", "false", "--out", str(out)]) == 0
+    return str(out / "export")
 
 
 def test_dt_schedule():
@@ -71,3 +66,38 @@ def test_distill_config_errors(tmp_path):
         main(["distill", "--config", str(cfg)])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["distill", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_distill_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
+    """Single process (the plain engine): SIGTERM after step 5 of 12 writes a checkpoint and
+    exits; the same command finishes with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    ckpt = _teacher_checkpoint(tmp_path)
+    args = ["--checkpoint", ckpt, "--dataset", "bundled", "--batch-size", "4", "--steps", "12", "--update-every", "4",
+            "--t-grid", "8", "--ema", "0.9", "--teacher-from", "ema", "--progress", "false"]
+    assert main(["distill", *args, "--out", str(tmp_path / "full")]) == 0
+    monkeypatch.setenv("DUO_FAST_TEST_SIGNAL_AT_STEP", "5")
+    with pytest.raises(SystemExit) as stopped:
+        main(["distill", *args, "--out", str(tmp_path / "cut")])
+    assert stopped.value.code == 143
+    monkeypatch.delenv("DUO_FAST_TEST_SIGNAL_AT_STEP")
+    assert main(["distill", *args, "--out", str(tmp_path / "cut")]) == 0
+    a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "export" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(12))
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(tmp_path):
+    """A tokenizer folder of another vocabulary than the checkpoint's: a clear error before distilling."""
+    from duo_fast.data import _cache_root, get_tokenizer
+
+    ckpt = _teacher_checkpoint(tmp_path)
+    get_tokenizer("bundled", 256)                                    # trained and cached as a folder
+    other = _cache_root() / "tokenizers" / "jargon-bpe-256"
+    with pytest.raises(SystemExit, match="do not belong together"):
+        main(["distill", "--checkpoint", ckpt, "--tokenizer", str(other), "--dataset", "bundled", "--steps", "2",
+              "--batch-size", "2", "--progress", "false", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "log.jsonl").exists()

@@ -18,7 +18,7 @@ from duo_fast.cli import main
 
 deepspeed = pytest.importorskip("deepspeed")
 
-BASE = ["--model", "tiny", "--tokenizer", "bundled", "--tokenizer-vocab", "512", "--length", "32", "--batch-size",
+BASE = ["--device", "cpu", "--model", "tiny", "--tokenizer", "bundled", "--tokenizer-vocab", "512", "--length", "32", "--batch-size",
         "8", "--lr", "2e-3", "--warmup-steps", "5", "--ema", "0", "--dropout", "0", "--val-batches", "1",
         "--log-every", "1", "--progress", "false", "--gamma-min", "-3.5", "--gamma-max", "-1.75",
         "--tau-log10-start", "-1", "--tau-log10-end", "-2"]
@@ -30,11 +30,12 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _torchrun(args: list[str], nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], nproc: int = 2, env: dict[str, str] | None = None,
+              command: str = "train") -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full_env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", _port(),
-           "-m", "duo_fast.cli", "train", *BASE, *args]
+           "-m", "duo_fast.cli", command, *(BASE if command == "train" else []), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=900)
 
 
@@ -108,3 +109,22 @@ def test_configuration_errors_before_training(tmp_path):
     with pytest.raises(SystemExit, match="zero_stage"):
         main(["train", *BASE, "--zero-stage", "5", "--steps", "2"])
     assert not (tmp_path / "a" / "log.jsonl").exists() and not (tmp_path / "b" / "log.jsonl").exists()
+
+
+def test_distill_two_ranks_zero2(tmp_path):
+    """DCD under torchrun: rounds refresh the teacher, dt doubles, the export samples."""
+    trained = tmp_path / "trained"
+    proc = _torchrun(["--zero-stage", "2", "--steps", "4", "--curriculum-end", "2", "--out", str(trained)])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = tmp_path / "dcd"
+    proc = _torchrun(["--checkpoint", str(trained / "export"), "--dataset", "bundled", "--zero-stage", "2", "--device", "cpu",
+                      "--batch-size", "8", "--steps", "12", "--update-every", "4", "--t-grid", "8", "--ema", "0.9",
+                      "--progress", "false", "--out", str(out)], command="distill")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = _log(out)
+    assert [r["step"] for r in log if r["teacher_refreshed"]] == [4, 8]
+    assert {r["round"]: r["dt"] for r in log} == {0: 0.125, 1: 0.25, 2: 0.5}
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    samples = tmp_path / "s.jsonl"
+    assert main(["sample", "--checkpoint", str(out / "export"), "--steps", "4", "--batch", "2", "--num-samples", "2",
+                 "--out", str(samples), "--no-progress"]) == 0
