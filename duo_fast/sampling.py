@@ -84,8 +84,6 @@ class _Loop:
         sigma = torch.full((z.shape[0],), -math.log(a_t), device=z.device)
         if self.fused:
             h = self.model(z, sigma, return_hidden=True)
-            if h.is_cuda and self.model.autocast:
-                h = h.to(torch.bfloat16)                # the projection in bf16, as under autocast
             lin = self.model.output_layer.linear
             return sample_posterior_linear(h, lin.weight, lin.bias, z, a_s, a_t, seed=seed, final=final, kappa=kappa)
         logits = self.model(z, sigma)

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from . import reference as ref
 from .checkpoint import save_hf_folder
+from .bench.common import device_peaks
 from .data import get_tokenizer
 from .data.blocks import BlockOrder, cached_blocks
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
@@ -173,8 +175,6 @@ class DuoObjective(nn.Module):
         if not cfg.fused_loss:
             return rb_loss(dit(inputs, sigma, inputs_embeds=embeds), zt, x0, alpha, dalpha, check=check).mean()
         h = dit(inputs, sigma, inputs_embeds=embeds, return_hidden=True)
-        if h.is_cuda and dit.autocast:
-            h = h.to(torch.bfloat16)                    # the projection runs in bf16 as under autocast
         lin = dit.output_layer.linear
         return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha, check=check).mean()
 
@@ -261,12 +261,13 @@ class Trainer:
 
     def train_step(self, step: int) -> tuple[float, float, list[int]]:
         """One optimizer update from ``accum`` micro-batches of this rank. Returns (mean loss,
-        gradient norm, checksums of the micro-batches' token ids)."""
+        gradient norm, checksums of the micro-batches' block indices)."""
         self.objective.train()
         losses, sums = [], []
         for _ in range(self.accum):
-            x0 = self.next_batch()
-            sums.append(int(x0.sum()))
+            idx = self.order.next_indices()
+            sums.append(zlib.crc32(idx.numpy().tobytes()))        # which blocks, from the CPU: no device sync
+            x0 = self.train_blocks[idx].to(self.device)
             loss = self.loss_on(x0, step)
             self.engine.backward(loss)
             self.engine.step()
@@ -325,8 +326,7 @@ class Trainer:
                 return None
             if self.ema is not None:
                 return save_hf_folder(self._ema_model(), path, extra=extra)
-            return save_hf_folder(self.model, path, extra=extra,
-                                  state_dict={k: v.detach().clone() for k, v in self.model.state_dict().items()})
+            return save_hf_folder(self.model, path, extra=extra)
 
     # -- resumable checkpoints -------------------------------------------------------------
 
@@ -357,19 +357,9 @@ class Trainer:
 
 
 def model_flops_per_token(cfg: DiTConfig, length: int) -> float:
-    """Training FLOPs per token: 3 x (2 per weight of the blocks and the output projection +
-    4 L D per block for the attention scores and their product with the values). The input
-    embedding is a lookup (or, in the curriculum, a relaxation not counted here)."""
-    return 3.0 * (2.0 * cfg.num_parameters(include_embedding=False) + 4.0 * cfg.n_blocks * length * cfg.hidden_dim)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    from .bench.suite import DEVICE_PEAKS
-
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f, _ in DEVICE_PEAKS if key in name), None)
+    """Training FLOPs per token: forward and backward, 3x the forward's
+    (:meth:`DiTConfig.forward_flops_per_token`; the curriculum's relaxation is not counted)."""
+    return 3.0 * cfg.forward_flops_per_token(length)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -399,7 +389,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
               + (f"; resumed from {resumed} at step {start}" if resumed is not None else ""))
     if metrics["val_start"] is None:
         metrics["val_start"] = tr.validate(use_ema=False)
-    flops_tok, peak = model_flops_per_token(tr.model.config, L), _peak_flops(tr.device)
+    peaks = device_peaks(tr.device)
+    flops_tok, peak = model_flops_per_token(tr.model.config, L), peaks[0] if peaks else None
     log = open(out / "log.jsonl", "a") if rank0 else None
     tb = None
     if cfg.tensorboard and rank0:
@@ -430,8 +421,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss:.3f}", phase=phase[:5])
             if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
                 metrics["val_curriculum"] = tr.validate()
-            checksums = gather_ints(sums, tr.device)
-            if rank0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            logging = step % cfg.log_every == 0 or step == cfg.steps - 1
+            checksums = gather_ints(sums, tr.device) if logging else None     # a collective: every rank or none
+            if rank0 and logging:
                 tps = B * L / dt
                 rec = {"step": step, "loss": loss, "grad_norm": gn, "lr": tr.engine.lr(), "phase": phase,
                        "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,

@@ -29,11 +29,11 @@ duo_fast.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting
 
 __all__ = ["rb_stats", "rb_grad", "stats_blocks", "grad_blocks", "NUM_STATS"]
 
@@ -149,7 +149,7 @@ def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, b
 # ---------------------------------------------------------------------------------------------
 
 def _interpret(interpret: bool | None) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" if interpret is None else interpret
+    return interpreting() if interpret is None else interpret
 
 
 def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:

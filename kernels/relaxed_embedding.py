@@ -27,11 +27,11 @@ with fp32 accumulation. This module never imports duo_fast.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot_operands, interpreting
 
 __all__ = ["relaxed_stats", "relaxed_fwd", "relaxed_bwd", "fwd_blocks", "stats_blocks", "bwd_blocks",
            "sparse_delta", "warps"]
@@ -206,10 +206,6 @@ def _re_bwd_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, dh_ptr,
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
@@ -217,14 +213,14 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 def fwd_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tuple[int, int, int]:
     """(BLOCK_M tokens, BLOCK_K ids, BLOCK_D features) of the forward kernel: tensor-core tiles on
     a GPU; large tiles in the interpreter, which runs programs one by one in Python."""
-    if _interpret() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         return _pow2(N, 16, 128), _pow2(K, 16, 512), _pow2(D, 16, 256)
     return (64 if N >= 64 else 16), (64 if K >= 64 else 16), (128 if D >= 128 else 64 if D >= 64 else 16)
 
 
 def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_K) of the RNG-only pass."""
-    if _interpret() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         bk = _pow2(K, 16, 2048)
         return max(1, 65536 // bk), bk
     bk = 512 if K >= 512 else 64
@@ -233,7 +229,7 @@ def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
 
 def bwd_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, BLOCK_D) of the backward kernel."""
-    if _interpret() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         return _pow2(N, 16, 512), _pow2(K, 16, 128), _pow2(D, 16, 256)
     return (64 if N >= 64 else 16), (64 if K >= 64 else 16), (128 if D >= 128 else 64 if D >= 64 else 16)
 
@@ -268,14 +264,6 @@ def relaxed_stats(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, K: int, 
     return zt, norm
 
 
-def _dot_operands(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
-    # Triton 3.9's interpreter computes tl.dot wrongly for bf16/fp16 inputs; their products are
-    # exact in fp32 and the GPU accumulates in fp32, so upcasting there computes the same values.
-    if _interpret():
-        return [None if t is None else t.float() for t in ts]
-    return list(ts)
-
-
 def relaxed_fwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, embedding: torch.Tensor, tau: float, seed: int,
                 sparse: bool, eps: torch.Tensor | None = None,
                 blocks: tuple[tuple[int, int, int], tuple[int, int]] | None = None
@@ -288,7 +276,7 @@ def relaxed_fwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, embedding:
     if embedding.stride(1) != 1:
         raise ValueError("embedding needs unit stride along D")
     out_dtype = embedding.dtype
-    (emb,) = _dot_operands(embedding)
+    (emb,) = dot_operands(embedding)
     h0 = torch.empty((N, D), dtype=emb.dtype, device=x0.device)
     if sparse:
         zt, norm = relaxed_stats(x0, at, st, K, tau, seed, eps, None if blocks is None else blocks[1])
@@ -312,7 +300,7 @@ def relaxed_bwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torc
     D = dh.shape[1]
     if dh.shape != (N, D) or dh.stride(1) != 1:
         raise ValueError(f"dh must be ({N}, D) with unit stride along D")
-    (dh,) = _dot_operands(dh)
+    (dh,) = dot_operands(dh)
     de = torch.zeros((K, D), dtype=torch.float32, device=dh.device)
     if N:
         bm, bk, bd = blocks or bwd_blocks(N, K, D)

@@ -20,11 +20,11 @@ uses ``(r * K) >> 32`` (relative bias at most ``K / 2^32``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot_operands, interpreting
 
 __all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "logits_blocks", "linear_blocks"]
 
@@ -178,7 +178,7 @@ def logits_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
     so there it gets tiles of 64k elements (fewer programs, same results: the noise is keyed
     by row and vocabulary index, not by tile)."""
     if interpret is None:
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        interpret = interpreting()
     if interpret:
         block_k = min(2048, triton.next_power_of_2(max(K, 16)))
         return max(1, min(1024, 65536 // block_k)), block_k
@@ -191,7 +191,7 @@ def linear_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tupl
     """(BLOCK_N, BLOCK_K, BLOCK_D) of the fused-linear kernel (tensor-core friendly, >= 16); the
     interpreter gets large tiles, as in :func:`logits_blocks`."""
     if interpret is None:
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        interpret = interpreting()
     if interpret:
         return 256, min(256, triton.next_power_of_2(max(K, 16))), min(128, triton.next_power_of_2(max(D, 16)))
     block_n = 64 if N >= 64 else 16
@@ -259,12 +259,7 @@ def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: tor
     out = torch.empty(N, dtype=torch.int64, device=h.device)
     if N == 0:
         return out
-    if os.environ.get("TRITON_INTERPRET") == "1" and h.dtype != torch.float32:
-        # Triton 3.9's interpreter gets tl.dot wrong on bf16/fp16 inputs. bf16/fp16 products are
-        # exact in fp32 and the GPU's tensor-core dot accumulates in fp32, so an fp32 IEEE dot of
-        # the upcast inputs computes the same logits (up to summation order).
-        h, weight = h.float(), weight.float()
-        bias = None if bias is None else bias.float()
+    h, weight, bias = dot_operands(h, weight, bias)       # fp32 in the interpreter (see kernels/_common.py)
     bn, bk, bd = linear_blocks(N, K, D)
     seed, seed_ptr = _seed_args(seed, h.device)
     _sample_posterior_linear_kernel[(triton.cdiv(N, bn),)](

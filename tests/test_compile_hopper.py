@@ -14,7 +14,8 @@ import pytest
 
 import duo_fast.kernels as kernels_pkg
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(kernels_pkg.__path__) if m.name != "compile_check")
+MODULES = sorted(m.name for m in pkgutil.iter_modules(kernels_pkg.__path__)
+                 if m.name != "compile_check" and not m.name.startswith("_"))   # _common: helpers, no kernels
 
 
 def _jit_kernels(module: str) -> set[str]:

@@ -25,11 +25,12 @@ from .. import reference as ref
 from ..model import DiT, DiTConfig
 from ..ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
 from ..sampling import SamplerConfig, generate
+from ..train import model_flops_per_token
 from ..ttable import TTable
-from .common import environment, peak_memory_mb, print_table, time_fn
+from .common import device_peaks, environment, peak_memory_mb, print_table, time_fn
 from .reference_paths import reference_relaxed_embedding, reference_ttable_lookup
 
-__all__ = ["PRESETS", "GROUPS", "run_suite", "print_suite", "DEVICE_PEAKS"]
+__all__ = ["PRESETS", "GROUPS", "run_suite", "print_suite"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: the whole suite in a few minutes on two cores.
@@ -40,8 +41,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                   ttable_n=10_000_000),
 }
 GROUPS = ("kernels", "sample", "train")
-# (name substring, dense bf16 tensor FLOP/s, memory bytes/s): vendor figures for the SXM parts.
-DEVICE_PEAKS = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -56,16 +55,6 @@ class Case:
     bytes: float = 0.0
     counted: str = ""
     items: dict[str, float] = field(default_factory=dict)   # unit -> count per call (tokens, samples, NFE)
-
-
-def _peaks(device: torch.device) -> tuple[float, float] | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops, bw in DEVICE_PEAKS:
-        if key in name:
-            return flops, bw
-    return None
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -228,13 +217,6 @@ def _bench_model(p: dict[str, Any], device: torch.device) -> DiT:
     return model
 
 
-def _flops_per_token(cfg: DiTConfig, L: int) -> float:
-    """Forward FLOPs per token: 2 per weight of the blocks and the output projection, plus the
-    attention scores and their product with the values (4 L D per block)."""
-    weights = cfg.num_parameters(include_embedding=False)
-    return 2.0 * weights + 4.0 * cfg.n_blocks * L * cfg.hidden_dim
-
-
 def sample_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> list[Case]:
     model = _bench_model(p, device).eval()
     B, L, steps = p["sample_batch"], p["length"], p["steps"]
@@ -252,7 +234,7 @@ def sample_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
         ok = bool(torch.equal(a, b)) and all(bool(((x >= 0) & (x < K)).all()) for x in (a, r))
         return {"ok": ok, "checked": "ours reproducible for a seed, both in range (per-step draws: kernels group)"}
     nfe = steps + 1
-    flops = nfe * B * L * _flops_per_token(model.config, L)
+    flops = nfe * B * L * model.config.forward_flops_per_token(L)
     return [Case("sample", f"{p['model']} model, {steps} steps + greedy tail (B={B}, L={L}, K={p['vocab']})", s_ref,
                  s_ours, s_check, flops=flops, counted="denoiser forward FLOPs x NFE",
                  items={"samples": B, "NFE": nfe, "tokens": B * L})]
@@ -277,7 +259,6 @@ def train_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> 
         if fused:
             h0, zt = relaxed_embedding(x0, gamma, tau, E, seed=1, mode="dense" if eps is not None else "sparse", eps=eps)
             h = model(None, sigma, inputs_embeds=h0, return_hidden=True)
-            h = h.to(torch.bfloat16) if h.is_cuda else h
             return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha).mean()
         h0, zt = reference_relaxed_embedding(x0, gamma, tau, E, eps=eps)
         return ref.rb_loss_ref(model(None, sigma, inputs_embeds=h0).float(), zt, x0, alpha, dalpha).mean()
@@ -287,7 +268,6 @@ def train_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> 
     def discrete_loss(fused: bool):
         if fused:
             h = model(zt_d, sigma, return_hidden=True)
-            h = h.to(torch.bfloat16) if h.is_cuda else h
             return rb_loss_linear(h, lin.weight, lin.bias, zt_d, x0, a_d, da_d).mean()
         return ref.rb_loss_ref(model(zt_d, sigma).float(), zt_d, x0, a_d, da_d).mean()
 
@@ -318,8 +298,7 @@ def train_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> 
         return run
 
     eps = torch.randn(B, L, K, generator=g).to(device)
-    per_token = _flops_per_token(model.config, L)
-    flops = 3.0 * B * L * per_token              # forward + backward (twice the forward)
+    flops = B * L * model_flops_per_token(model.config, L)
     name = f"{p['model']} model step (B={B}, L={L}, K={K})"
     return [Case("train", f"curriculum: {name}", step(lambda: curriculum_loss(False)), step(lambda: curriculum_loss(True)),
                  check(lambda fused: curriculum_loss(fused, eps)), flops=flops,
@@ -402,7 +381,7 @@ def run_suite(groups: list[str], preset: str = "tiny", device: str | torch.devic
     if length:
         p["length"] = length
     dt = DTYPES[dtype]
-    peaks = _peaks(device)
+    peaks = device_peaks(device)
     t0 = time.perf_counter()
     rows = []
     for grp in groups:

@@ -61,3 +61,9 @@ class DiTConfig:
         block = 2 * D + 3 * D * D + D * D + (D * 4 * D + 4 * D) + (4 * D * D + D) + (C * 6 * D + 6 * D)
         n = self.n_blocks * block + (256 * C + C) + (C * C + C) + D + (C * 2 * D + 2 * D) + (D * K + K)
         return n + (K * D if include_embedding else 0)
+
+    def forward_flops_per_token(self, length: int) -> float:
+        """Forward FLOPs per token at sequence length ``length``: 2 per weight of the blocks, the
+        conditioning and the output projection (the input embedding is a lookup), plus the
+        attention scores and their product with the values (4 L D per block)."""
+        return 2.0 * self.num_parameters(include_embedding=False) + 4.0 * self.n_blocks * length * self.hidden_dim

@@ -184,7 +184,8 @@ class DiT(nn.Module):
       or ``None`` with ``inputs_embeds`` (B, L, D).
     * ``sigma``: (B,) float, ``-log(alpha_t)``; ignored (zeroed) if not ``time_conditioning``.
     * returns logits (B, L, K), or with ``return_hidden=True`` the final hidden state (B, L, D)
-      that ``output_layer.linear`` maps to the logits. On CUDA the blocks and output layer run
+      that ``output_layer.linear`` maps to the logits (bf16 on CUDA with autocast: the dtype in
+      which autocast runs that projection). On CUDA the blocks and output layer run
       under bf16 autocast (``autocast=False`` turns that off), as in the public model.
     """
 
@@ -228,7 +229,10 @@ class DiT(nn.Module):
             for block in self.blocks:
                 h = block(h, cos, sin, c)
             # through __call__ either way: module hooks (ZeRO-3 gathering) must see this layer run
-            return self.output_layer(h, c, return_hidden=return_hidden)
+            out = self.output_layer(h, c, return_hidden=return_hidden)
+        if return_hidden and h.is_cuda and self.autocast:
+            out = out.to(torch.bfloat16)     # the hidden state as autocast's output projection consumes it
+        return out
 
     def _check_ids(self, ids: Tensor) -> None:
         # Out-of-range ids would silently read garbage rows on GPU; checked without a host sync.

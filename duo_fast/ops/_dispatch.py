@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ..reference import per_token
+
 IMPLS = ("auto", "torch", "triton")
 
 
@@ -32,3 +34,11 @@ def seed_from(seed: int | None, generator: torch.Generator | None) -> int:
         return int(seed) & ((1 << 62) - 1)
     gen = generator if generator is not None and generator.device.type == "cpu" else None
     return int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+def token_rows(v: "torch.Tensor | float | None", zt: torch.Tensor) -> "torch.Tensor | None":
+    """A scalar, per-sequence (B,) or per-token (B, L) value as a contiguous float64 (B * L,)
+    row vector on ``zt``'s device (None stays None)."""
+    if v is None:
+        return None
+    return per_token(v, zt).to(device=zt.device, dtype=torch.float64).expand(zt.shape).reshape(-1).contiguous()

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import per_token
-from ._dispatch import seed_from, use_triton
+from ._dispatch import seed_from, token_rows, use_triton
 
 __all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights"]
 
@@ -67,13 +66,6 @@ def _check(logits_shape: torch.Size, zt: Tensor, final: str | None) -> None:
         raise ValueError(f"need (B, L, K) scores and zt (B, L); got {tuple(logits_shape)}, {tuple(zt.shape)}")
 
 
-def _rows(v: Tensor | float | None, zt: Tensor) -> Tensor | None:
-    """A per-sequence, per-token or scalar value as a contiguous float64 (B * L,) row vector."""
-    if v is None:
-        return None
-    return per_token(v, zt).to(device=zt.device, dtype=torch.float64).expand(zt.shape).reshape(-1).contiguous()
-
-
 def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Tensor | None,
                  generator: torch.Generator | None, final: int) -> Tensor:
     """One chunk of rows: logits (n, K), zt (n,), a_s/a_t/kappa (n,) float64 -> (n,) int64."""
@@ -111,7 +103,7 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
     if top_p < 1 and mode != 2:
         logits = nucleus_filter(logits, top_p)
     B, L, K = logits.shape
-    a_s, a_t, kap = _rows(alpha_s, zt), _rows(alpha_t, zt), _rows(kappa, zt)
+    a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
     if use_triton(logits, impl):
         from ..kernels.sample_posterior import sample_posterior_fwd
 
@@ -151,7 +143,7 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
     K = weight.shape[0]
     _check(torch.Size((B, L, K)), zt, final)
     mode = FINAL_MODES[final]
-    a_s, a_t, kap = _rows(alpha_s, zt), _rows(alpha_t, zt), _rows(kappa, zt)
+    a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
     if use_triton(h, impl):
         from ..kernels.sample_posterior import sample_posterior_linear_fwd
 

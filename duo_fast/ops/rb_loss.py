@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import per_token
-from ._dispatch import use_triton
+from ._dispatch import token_rows, use_triton
 
 __all__ = ["rb_loss", "rb_loss_linear", "log1p_minus_x", "default_chunk_tokens"]
 
@@ -174,9 +173,7 @@ def _finite_or_raise(loss: Tensor, op: str, what: str) -> None:
 def _rows(zt: Tensor, x0: Tensor, alpha_t: Tensor | float, dalpha_t: Tensor | float, K: int) -> tuple[Tensor, ...]:
     """Flattened ids and float64 per-token (a, da) of a (B, L) batch, with the ids checked."""
     torch._assert_async(((zt >= 0) & (zt < K) & (x0 >= 0) & (x0 < K)).all(), f"token ids out of range [0, {K})")
-    a = per_token(alpha_t, zt).to(device=zt.device, dtype=torch.float64).expand(zt.shape).reshape(-1).contiguous()
-    da = per_token(dalpha_t, zt).to(device=zt.device, dtype=torch.float64).expand(zt.shape).reshape(-1).contiguous()
-    return zt.reshape(-1).contiguous(), x0.reshape(-1).contiguous(), a, da
+    return zt.reshape(-1).contiguous(), x0.reshape(-1).contiguous(), token_rows(alpha_t, zt), token_rows(dalpha_t, zt)
 
 
 class _RBLoss(torch.autograd.Function):
