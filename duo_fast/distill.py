@@ -22,6 +22,8 @@ import copy
 import dataclasses
 import json
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,9 @@ from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, pla
 from .evaluate import check_tokenizer_vocab
 from .model import DiT
 from .ops import coupled_latents
-from .resume import (StopFlag, generator_states, latest_checkpoint, mean_over_ranks, read_checkpoint,
-                     set_generator_states, write_checkpoint)
+from .resume import (StopFlag, generator_states, latest_checkpoint, read_checkpoint, set_generator_states,
+                     write_checkpoint)
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .options import option
 from .ttable import TTable
 
@@ -158,8 +161,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if blocks.shape[0] < cfg.batch_size:
         raise ValueError(f"only {blocks.shape[0]} blocks of length {L} for a batch of {cfg.batch_size}")
     order = BlockOrder(blocks.shape[0], micro, seed=cfg.seed + 3, rank=rank, world=world)
+    feeder = BatchFeeder(blocks, order, device)
     student.train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher.autocast = False                  # the teacher's targets in float32 (section 6), not bf16 autocast
     objective = DCDObjective(student, cfg.loss)
     args = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
     if cfg.zero_stage:
@@ -171,8 +176,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     with engine.gathered():
         ema = [p.detach().float().clone() for p in student.parameters()] if cfg.ema > 0 else None
     table = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
-    gens = {"gen": torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * rank),
-            "seed_gen": torch.Generator().manual_seed(cfg.seed + 2 + 1000 * rank)}
+    gens = {"gen": torch.Generator(device=device).manual_seed(cfg.seed + 1)}    # reseeded per micro-batch
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,14 +191,14 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher.load_state_dict(shared["teacher"])
         ema = None if shared["ema"] is None else [e.to(device) for e in shared["ema"]]
         set_generator_states(gens, mine["rng"], device)
-        order.load_state_dict(mine["order"])
+        feeder.load_state_dict(mine["order"])
         start, losses = shared["step"] + 1, shared["losses"]
 
     def checkpoint(step: int) -> Path:
         shared = {"step": step, "teacher": teacher.state_dict(), "ema": ema, "losses": losses, "world": world,
                   "config": dataclasses.asdict(cfg)}
         return write_checkpoint(ckpt_root, step, engine, rank, shared,
-                                {"rng": generator_states(gens, device), "order": order.state_dict()})
+                                {"rng": generator_states(gens, device), "order": feeder.state_dict()})
 
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     if rank == 0:
@@ -204,8 +208,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
               f"{cfg.loss}, device={device}" + (f"; resumed at step {start}" if resumed is not None else ""))
     stop = StopFlag()
     t_start = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), disable=not (cfg.progress and rank == 0), desc="distill", dynamic_ncols=True,
-               initial=start, total=cfg.steps)
+    show_bar = cfg.progress and rank == 0 and sys.stdout.isatty()
+    bar = tqdm(range(start, cfg.steps), disable=not show_bar, desc="distill", dynamic_ncols=True, initial=start,
+               total=cfg.steps)
+    meter = IntervalMeter(device)
     span = cfg.gamma_max - cfg.gamma_min
     step = start - 1
     try:
@@ -215,46 +221,59 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             if refreshed:                               # a new round: the teacher takes the student's (or EMA) weights
                 with torch.no_grad(), engine.gathered():
                     src = ema if cfg.teacher_from == "ema" else [p.detach() for p in student.parameters()]
-                    for q, v in zip(teacher.parameters(), src):
-                        q.copy_(v)
+                    torch._foreach_copy_(list(teacher.parameters()), src)
             objective.train()
             step_losses = []
-            for _ in range(accum):
-                x0 = blocks[order.next_indices()].to(device)
+            for j in range(accum):
+                slot = j * world + rank
+                gens["gen"].manual_seed(micro_seed(cfg.seed, step, slot, 1))
+                torch.manual_seed(micro_seed(cfg.seed, step, slot, 2))
+                x0, _ = feeder.next()
                 t = ref.stratified_times(micro, generator=gens["gen"], device=device, dtype=torch.float64)
                 t = (t + dt).clamp(0.0, 1.0)
                 s = t - dt
                 gamma_t, gamma_s = cfg.gamma_min + t * span, cfg.gamma_min + s * span
                 alpha_t, alpha_s = table.alpha_and_derivative(gamma_t)[0], table.alpha_and_derivative(gamma_s)[0]
-                seed = int(torch.randint(0, 2**62, (1,), generator=gens["seed_gen"]))
-                zt, zs = coupled_latents(x0, gamma_t, gamma_s, K, seed=seed)
+                zt, zs = coupled_latents(x0, gamma_t, gamma_s, K, seed=micro_seed(cfg.seed, step, slot, 3))
                 with torch.no_grad():
                     teacher_logits = teacher(zs, (-torch.log(alpha_s)).float())
                 loss = forward(zt, (-torch.log(alpha_t)).float(), teacher_logits)
                 engine.backward(loss)
-                engine.step()
+                engine.step(~torch.isfinite(loss.detach()))
                 step_losses.append(loss.detach())
             if ema is not None:
                 with torch.no_grad(), engine.gathered():
-                    for e, p in zip(ema, student.parameters()):
-                        e.lerp_(p.detach().float(), 1 - cfg.ema)
-            value = mean_over_ranks(float(torch.stack(step_losses).mean()), device)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"distillation loss is {value} at step {step}")
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", dt=f"{dt:.4f}")
-            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1 or refreshed):
-                log.write(json.dumps({"step": step, "loss": value, "round": rnd, "dt": dt, "teacher_refreshed": refreshed,
-                                      "lr": engine.lr(), "grad_norm": engine.grad_norm()}) + "\n")
-                log.flush()
-            stopping = stop.after_step(step)
-            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - cfg.ema)
+            mean = torch.stack(step_losses).mean()
+            meter.add(step, mean, ~torch.isfinite(mean))
+            stopping = agreed_stop(stop.after_step(step))
+            saving = bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
+            logging = step % cfg.log_every == 0 or step == cfg.steps - 1 or refreshed
+            if logging or stopping or saving:           # the only host reads of the loop
+                read = meter.read()
+                losses.extend(v for v in read["losses"] if math.isfinite(v))
+                if read["skipped"] and len(read["skipped"]) == len(read["steps"]):
+                    raise FloatingPointError(f"the distillation loss was not finite at every step from "
+                                             f"{read['steps'][0]} to {read['steps'][-1]}; no update was applied")
+                if read["skipped"] and rank == 0:
+                    print(f"duo-fast distill: non-finite loss at steps {read['skipped']}: those updates were skipped")
+                value = read["losses"][-1]
+                if show_bar:
+                    bar.set_postfix(loss=f"{value:.4f}", dt=f"{dt:.4f}")
+                if log is not None and logging:
+                    log.write(json.dumps({"step": step, "loss": value, "round": rnd, "dt": dt,
+                                          "teacher_refreshed": refreshed, "lr": engine.lr(),
+                                          "grad_norm": engine.grad_norm(), "skipped_steps": read["skipped"]}) + "\n")
+                    log.flush()
+                    if not show_bar and cfg.progress:
+                        print(f"step {step}/{cfg.steps} loss {value:.4f} dt {dt:.4f}", flush=True)
+            if stopping or saving:
                 path = checkpoint(step)
                 if stopping:
                     if rank == 0:
-                        print(f"duo-fast distill: signal {stop.signum} at step {step}: checkpoint {path}; "
-                              f"run the same command to continue")
-                    raise SystemExit(128 + stop.signum)
+                        print(f"duo-fast distill: signal {stop.signum or 'on another rank'} at step {step}: "
+                              f"checkpoint {path}; run the same command to continue")
+                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     finally:
         stop.restore()
         if log is not None:

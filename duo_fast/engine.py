@@ -1,12 +1,22 @@
 """The optimizer engines of the trainer: plain PyTorch in one process, or DeepSpeed ZeRO 1-3
 (any number of processes, started by ``torchrun`` or ``deepspeed``). Both expose the same small
-interface: ``backward(loss)``, ``step() -> bool`` (True at a gradient-accumulation boundary,
-where the optimizer stepped), ``grad_norm()``, ``lr()``, ``save(dir)`` / ``load(dir)`` and
-``gathered()`` (a context in which every parameter is whole: ZeRO-3 partitions them).
+interface: ``backward(loss)``, ``step(bad=None) -> bool`` (True at a gradient-accumulation
+boundary, where the optimizer stepped), ``grad_norm()``, ``lr()``, ``save(dir)`` / ``load(dir)``
+and ``gathered()`` (a context in which every parameter is whole: ZeRO-3 partitions them).
+
+Nothing in ``backward`` or ``step`` reads a value back to the host: the gradient norm stays a
+device tensor (read by ``grad_norm()``, which the loops call at log steps only), and a
+non-finite step is skipped on the device, as AMP's gradient scaler does: the fused AdamW takes a
+``found_inf`` tensor and leaves weights, moments and step counts untouched when it is set.
+``bad`` (a device bool, e.g. a non-finite loss) is folded into that flag; under several ranks
+it is all-reduced on the device first, so every rank skips the same steps.
+
+Precision: the module's weights are float32 in both engines; on CUDA the denoiser runs its
+blocks under bf16 autocast (``DiT.forward``), as the public trainer does. DeepSpeed's own bf16
+mode (bf16 weights) is not used, so the EMA and every export come from float32 weights.
 
 The ZeRO configurations shipped are ``duo_fast/configs/zero{1,2,3}.json``; the trainer fills in
-the batch sizes, accumulation, clipping, AdamW, the warm-up schedule and the precision (bf16 on
-GPU, fp32 on CPU).
+the batch sizes, accumulation, clipping, AdamW and the warm-up schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["world_info", "placement", "init_distributed", "TorchEngine", "DeepSpeedEngine", "zero_config", "barrier"]
+__all__ = ["world_info", "placement", "init_distributed", "TorchEngine", "DeepSpeedEngine", "zero_config", "ds_config",
+           "barrier"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -75,32 +86,65 @@ def _warmup(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / max(1, warmup))
 
 
+def _fused_adamw_ok(params: list[nn.Parameter]) -> bool:
+    """torch's fused AdamW runs on CPU and CUDA float tensors (one kernel for all parameters)."""
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
+def _skip_flag(bad: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Tensor | None:
+    """A float 0-d device tensor, 1 when the step must be skipped (all-reduced over ranks)."""
+    import torch.distributed as dist
+
+    flags = [f for f in (bad, None if norm is None else ~torch.isfinite(norm)) if f is not None]
+    if not flags:
+        return None
+    flag = flags[0] if len(flags) == 1 else flags[0] | flags[1]
+    flag = flag.reshape(()).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)          # asynchronous on the device: no host wait
+    return flag
+
+
 class TorchEngine:
-    """One process: AdamW, linear warm-up, clipping, gradient accumulation over ``accum`` micro-batches."""
+    """One process: AdamW (fused), linear warm-up, clipping, gradient accumulation over ``accum``
+    micro-batches; non-finite steps skipped on the device."""
 
     def __init__(self, module: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                  warmup_steps: int, grad_clip: float, accum: int) -> None:
         self.module, self.accum, self.grad_clip = module, accum, grad_clip
-        self.opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
+        params = list(module.parameters())
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay,
+                                     fused=_fused_adamw_ok(params))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _warmup(s, warmup_steps))
-        self._micro, self._norm = 0, 0.0
+        self._micro = 0
+        self._norm: torch.Tensor | None = None
+        self._bad: torch.Tensor | None = None
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
 
-    def step(self) -> bool:
+    def step(self, bad: torch.Tensor | None = None) -> bool:
+        """``bad``: a device bool, True when this micro-batch's loss is unusable."""
         self._micro += 1
+        if bad is not None:
+            self._bad = bad if self._bad is None else self._bad | bad
         if self._micro % self.accum:
             return False
         limit = self.grad_clip if self.grad_clip > 0 else math.inf
-        self._norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit))
+        self._norm = torch.nn.utils.clip_grad_norm_(self.params, limit, foreach=True)
+        flag = _skip_flag(self._bad, self._norm)
+        if self.opt.defaults.get("fused"):
+            self.opt.found_inf = flag                     # fused AdamW skips the whole update when set
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        self._bad = None
         return True
 
     def grad_norm(self) -> float:
-        return self._norm
+        """The last optimizer step's gradient norm (a host read: call it at log steps only)."""
+        return float(self._norm) if self._norm is not None else 0.0
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
@@ -120,6 +164,23 @@ class TorchEngine:
         self._micro = state["micro"]
 
 
+def ds_config(stage: int, micro: int, accum: int, world: int, lr: float, betas: tuple[float, float],
+              weight_decay: float, grad_clip: float, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed configuration of a run: batch layout, clipping, the shipped ZeRO section,
+    float32 weights (no DeepSpeed bf16/fp16 mode: see the module docstring) and torch's AdamW,
+    fused on CPU and CUDA."""
+    return {
+        "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum, "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "zero_optimization": zero_config(stage),
+        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
+                                                  "weight_decay": weight_decay, "torch_adam": True,
+                                                  "fused": device.type in ("cpu", "cuda")}},
+        "steps_per_print": 2**62, "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO ``stage`` around ``module``; ``micro`` sequences per rank per micro-step,
     ``accum`` micro-steps per optimizer step."""
@@ -129,17 +190,10 @@ class DeepSpeedEngine:
                  device: torch.device, extra_config: dict[str, Any] | None = None) -> None:
         import deepspeed
 
-        cfg: dict[str, Any] = {
-            "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum, "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
-            "zero_optimization": zero_config(stage),
-            "bf16": {"enabled": device.type == "cuda"}, "fp16": {"enabled": False},
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
-                                                      "weight_decay": weight_decay, "torch_adam": True}},
-            "steps_per_print": 2**62, "wall_clock_breakdown": False,
-        }
+        cfg = ds_config(stage, micro, accum, world, lr, betas, weight_decay, grad_clip, device)
         cfg.update(extra_config or {})
         self.stage, self.module = stage, module
+        self._bad: torch.Tensor | None = None
         # the same linear warm-up as the PyTorch engine: a LambdaLR on DeepSpeed's base optimizer,
         # stepped by the engine at accumulation boundaries and saved in its checkpoints
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
@@ -149,8 +203,19 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> bool:
+    def step(self, bad: torch.Tensor | None = None) -> bool:
+        """``bad`` (device bool) skips the update through the base AdamW's ``found_inf``, agreed
+        by all ranks; the gradient norm is DeepSpeed's own (non-finite gradients with a finite
+        loss are not detected here: DeepSpeed checks overflow only in fp16 mode)."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if bad is not None:
+            self._bad = bad if self._bad is None else self._bad | bad
+        if boundary:
+            flag = _skip_flag(self._bad, None)
+            base = getattr(self.opt, "optimizer", self.opt)          # ZeRO wraps the torch optimizer
+            if getattr(base, "defaults", {}).get("fused"):
+                base.found_inf = flag
+            self._bad = None
         self.engine.step()
         return boundary
 

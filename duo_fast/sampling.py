@@ -67,40 +67,49 @@ class SamplerConfig:
 
 class _Loop:
     """The sampling loop for one shape: ``(prior z (B, L), seeds (steps + 1,) int64) -> ids``.
-    Seeds are ints on the PyTorch path and one-element device tensors for the Triton kernels."""
+
+    Every per-step scalar (``alpha_s``, ``alpha_t``, ``sigma``, ``kappa``) is a device tensor
+    built once here, before any capture, and the seeds are a device tensor indexed by views:
+    a step turns no Python number into a tensor and reads nothing back, so the same code runs
+    eagerly and inside a CUDA graph (``tests/test_host_sync.py`` counts it on CPU)."""
 
     def __init__(self, model: DiT, cfg: SamplerConfig, device: torch.device, step_fn: Callable[..., Tensor] | None,
                  generator: torch.Generator) -> None:
         self.model, self.cfg, self.device, self.step_fn, self.gen = model, cfg, device, step_fn, generator
-        # The grid is a handful of floats: computed on the CPU, so no step synchronises with the device.
-        self.alphas = SCHEDULES[cfg.schedule](torch.linspace(1.0, cfg.t_min, cfg.steps + 1, dtype=torch.float64))[0].tolist()
+        grid = torch.linspace(1.0, cfg.t_min, cfg.steps + 1, dtype=torch.float64)
+        alphas = SCHEDULES[cfg.schedule](grid)[0]
+        self.alphas = alphas.to(device)                               # (steps + 1,) float64
+        self.sigmas = (-alphas.log()).float().to(device)              # the denoiser's time input per step
+        self.one = torch.ones((), dtype=torch.float64, device=device)  # alpha_s of the final step
         self.kappas = (None if cfg.kappa is None else
-                       torch.linspace(cfg.kappa[0], cfg.kappa[1], cfg.steps, dtype=torch.float64).tolist())
+                       torch.linspace(cfg.kappa[0], cfg.kappa[1], cfg.steps, dtype=torch.float64).to(device))
         self.fused = cfg.fused and cfg.top_p >= 1 and step_fn is None
         self.nfe = cfg.steps + (cfg.noise_removal != "none")
 
-    def _draw(self, z: Tensor, a_s: float, a_t: float, seed: int | Tensor, final: str | None,
-              kappa: float | None) -> Tensor:
-        sigma = torch.full((z.shape[0],), -math.log(a_t), device=z.device)
+    def _draw(self, z: Tensor, a_s: Tensor, i_t: int, seed: Tensor, final: str | None,
+              kappa: Tensor | None) -> Tensor:
+        a_t, sigma = self.alphas[i_t], self.sigmas[i_t]
         if self.fused:
             h = self.model(z, sigma, return_hidden=True)
             lin = self.model.output_layer.linear
-            return sample_posterior_linear(h, lin.weight, lin.bias, z, a_s, a_t, seed=seed, final=final, kappa=kappa)
+            return sample_posterior_linear(h, lin.weight, lin.bias, z, a_s, a_t, seed=seed, generator=self.gen, final=final,
+                                           kappa=kappa)
         logits = self.model(z, sigma)
         if self.step_fn is not None and final is None:
             return self.step_fn(logits, z, a_s, a_t, generator=self.gen)
         return sample_posterior(logits, z, a_s, a_t, seed=seed, generator=self.gen, final=final, top_p=self.cfg.top_p,
                                 kappa=kappa)
 
-    def __call__(self, z: Tensor, seeds: list[int] | Tensor, progress: bool = False) -> Tensor:
+    def __call__(self, z: Tensor, seeds: Tensor, progress: bool = False) -> Tensor:
+        """z: (B, L) int64 prior; seeds: (steps + 1,) int64 on the loop's device."""
         from tqdm.auto import tqdm
 
-        cfg, alphas = self.cfg, self.alphas
-        seed = (lambda i: seeds[i:i + 1]) if isinstance(seeds, Tensor) else (lambda i: seeds[i])
+        cfg = self.cfg
         for i in tqdm(range(cfg.steps), disable=not progress, desc="sample", leave=False, dynamic_ncols=True):
-            z = self._draw(z, alphas[i + 1], alphas[i], seed(i), None, None if self.kappas is None else self.kappas[i])
+            kappa = None if self.kappas is None else self.kappas[i]
+            z = self._draw(z, self.alphas[i + 1], i, seeds[i:i + 1], None, kappa)
         if cfg.noise_removal != "none":
-            z = self._draw(z, 1.0, alphas[-1], seed(cfg.steps), cfg.noise_removal, None)
+            z = self._draw(z, self.one, cfg.steps, seeds[cfg.steps:], cfg.noise_removal, None)
         return z
 
 
@@ -151,34 +160,42 @@ def _graph_for(loop: _Loop, batch: int, length: int) -> tuple[_Graph, float]:
 @torch.no_grad()
 def generate(model: DiT, cfg: SamplerConfig, device: torch.device | str | None = None,
              progress: bool = True, step_fn: Callable[..., Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Sample ``cfg.batch`` sequences. Returns ``(ids (batch, length) int64, stats)`` with
-    ``stats`` = seconds, nfe (denoiser calls), samples_per_s, tokens_per_s, nfe_per_s, and on
-    CUDA with graphs ``graph_capture_seconds`` (the first call of a shape; not in ``seconds``).
+    """Sample ``cfg.batch`` sequences. Returns ``(ids (batch, length) int64, stats)``.
+
+    ``stats``: ``wall_seconds`` (the whole call: setup, the prior, on CUDA the graph capture of a
+    new shape, the loop), ``loop_seconds`` (the sampling loop alone), ``graph_capture_seconds``
+    (0 unless this call captured a graph), ``nfe`` (denoiser calls), and ``samples_per_s``,
+    ``tokens_per_s``, ``nfe_per_s`` over ``wall_seconds``, so the first batch of a shape pays
+    for its capture. ``seconds`` is ``wall_seconds``.
     ``step_fn(logits, z, alpha_s, alpha_t, generator=...)`` replaces the posterior draw of the
     steps before the final one (the benchmark's reference-style sampler uses it; never graphed)."""
+    t_call = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     K = model.config.vocab_size
     L = cfg.length or model.config.model_length
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     loop = _Loop(model, cfg, device, step_fn, gen)
-    # Seeds of the kernels, one per posterior draw, drawn on the CPU (no syncs).
-    seeds_cpu = torch.randint(0, 2**62, (cfg.steps + 1,), generator=torch.Generator().manual_seed(cfg.seed))
+    # One kernel seed per posterior draw, drawn on the CPU and copied once, before the loop.
+    seeds = torch.randint(0, 2**62, (cfg.steps + 1,), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     z = torch.randint(0, K, (cfg.batch, L), generator=gen, device=device)
-    stats: dict[str, float] = {}
-    if device.type == "cuda":
-        seeds = seeds_cpu.to(device)
-        graph = None
-        if cfg.cuda_graph and step_fn is None:
-            graph, stats["graph_capture_seconds"] = _graph_for(loop, cfg.batch, L)
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        z = graph(z, seeds) if graph is not None else loop(z, seeds, progress)
-        torch.cuda.synchronize(device)
-    else:
-        t0 = time.perf_counter()
-        z = loop(z, seeds_cpu.tolist(), progress)
-    dt = time.perf_counter() - t0
-    stats.update({"seconds": dt, "nfe": loop.nfe, "samples_per_s": cfg.batch / dt, "tokens_per_s": cfg.batch * L / dt,
-                  "nfe_per_s": loop.nfe / dt})
+    capture = 0.0
+    graph = None
+    if device.type == "cuda" and cfg.cuda_graph and step_fn is None:
+        graph, capture = _graph_for(loop, cfg.batch, L)
+    _sync(device)
+    t0 = time.perf_counter()
+    z = graph(z, seeds) if graph is not None else loop(z, seeds, progress)
+    _sync(device)
+    t1 = time.perf_counter()
+    wall = t1 - t_call
+    stats = {"wall_seconds": wall, "seconds": wall, "loop_seconds": t1 - t0, "graph_capture_seconds": capture,
+             "nfe": loop.nfe, "samples_per_s": cfg.batch / wall, "tokens_per_s": cfg.batch * L / wall,
+             "nfe_per_s": loop.nfe / wall}
     return z, stats
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device (timing only: before and after the loop, never inside it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .data.blocks import BlockOrder, cached_blocks
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
 from .resume import (StopFlag, gather_ints, generator_states, latest_checkpoint, mean_over_ranks, read_checkpoint,
                      set_generator_states, write_checkpoint)
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
@@ -88,8 +90,10 @@ class TrainConfig:
     tensorboard: bool = option(False, "also log to TensorBoard (OUT/tb) when tensorboard is installed")
     fused_loss: bool = option(True, "loss fused with the output projection (rb_loss_linear: no B x L x K logits); "
                                 "false: logits, then rb_loss")
-    check_every: int = option(100, "every N steps the loss is checked for NaN/inf in the logits (one host sync; 0: never)")
-    log_every: int = option(25, "steps between log lines in the JSONL log")
+    check_every: int = option(100, "every N steps (a multiple of log_every: a log step) the logits are checked for "
+                                   "NaN/inf by name (0: never); between checks a non-finite step is skipped on the device")
+    log_every: int = option(25, "steps between log lines in the JSONL log (the only steps that read from the device)")
+    compile: bool = option(False, "torch.compile the denoiser's blocks")
     val_batches: int = option(4, "validation batches for the NELBO before and after training")
     out: str = option("runs/duo", "output folder: log.jsonl, export/ (HF layout) and summary.json")
     progress: bool = option(True, "show a progress bar")
@@ -107,6 +111,9 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0 (no DeepSpeed), 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 0 or self.save_every < 0:
             raise ValueError("micro_batch_size and save_every must be >= 0")
+        if self.log_every < 1 or self.check_every < 0 or (self.check_every and self.check_every % self.log_every):
+            raise ValueError(f"log_every must be >= 1 and check_every a multiple of it (or 0), got {self.log_every}, "
+                             f"{self.check_every}")
         if self.relax_mode not in ("sparse", "dense", "topk") or self.relax_k < 1:
             raise ValueError(f"relax_mode must be sparse, dense or topk and relax_k >= 1, got {self.relax_mode!r}, "
                              f"{self.relax_k}")
@@ -203,8 +210,11 @@ class Trainer:
         if self.train_blocks.shape[0] < cfg.batch_size:
             raise ValueError(f"only {self.train_blocks.shape[0]} training blocks for a batch of {cfg.batch_size}")
         self.order = BlockOrder(self.train_blocks.shape[0], micro, seed=cfg.seed + 2, rank=self.rank, world=self.world)
+        self.feeder = BatchFeeder(self.train_blocks, self.order, self.device)
         self.model = DiT(DiTConfig.from_name(cfg.model, vocab_size=K, model_length=cfg.length,
                                              dropout=cfg.dropout)).to(self.device)
+        if cfg.compile:
+            self.model.compile_blocks()
         self.objective = DuoObjective(self.model, cfg)
         args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                     warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
@@ -223,9 +233,8 @@ class Trainer:
         if cfg.curriculum_end > 0:
             self.ttable = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
             self.ttable.check_vocab(K)
-        # every rank draws its own noise; everything is seeded, so a run is reproducible
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + 1000 * self.rank)
-        self.seed_gen = torch.Generator().manual_seed(cfg.seed + 3 + 1000 * self.rank)   # seeds of in-kernel noise
+        # the noise of each micro-batch is reseeded from (seed, step, slot): see duo_fast.steploop
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
 
     @property
     def vocab_size(self) -> int:
@@ -233,56 +242,67 @@ class Trainer:
 
     def next_batch(self) -> Tensor:
         """This rank's next micro-batch of blocks (a seeded permutation per epoch, sharded by rank)."""
-        return self.train_blocks[self.order.next_indices()].to(self.device)
+        return self.feeder.next()[0]
 
     def in_curriculum(self, step: int) -> bool:
         return self.ttable is not None and step < self.cfg.curriculum_end
 
-    def _inputs(self, x0: Tensor, step: int, discrete: bool) -> dict[str, Any]:
-        """The random part of one objective evaluation (section 3-5), drawn from this rank's generators."""
+    def _inputs(self, x0: Tensor, step: int, discrete: bool, kernel_seed: int) -> dict[str, Any]:
+        """The random part of one objective evaluation (section 3-5), drawn from ``self.gen``."""
         cfg = self.cfg
         if self.in_curriculum(step) and not discrete:
             t = ref.stratified_times(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
             gamma = cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
             alpha, dT = self.ttable.alpha_and_derivative(gamma)
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_gen))
+            seed = kernel_seed
             return dict(sigma=(-torch.log(alpha)).float(), alpha=alpha, dalpha=(cfg.gamma_max - cfg.gamma_min) * dT,
                         gamma=gamma, tau=tau_at(cfg, step), seed=seed)
         zt, alpha, dalpha = discrete_nelbo_draws(x0, self.vocab_size, self.gen)
         return dict(sigma=(-torch.log(alpha)).float(), alpha=alpha, dalpha=dalpha, zt=zt)
 
-    def loss_on(self, x0: Tensor, step: int, model: DiT | None = None, discrete: bool = False) -> Tensor:
-        """Mean per-token NELBO of micro-batch ``x0`` (B, L) at training step ``step``."""
-        check = self.cfg.check_every > 0 and step % self.cfg.check_every == 0
-        inputs = self._inputs(x0, step, discrete)
+    def checks_at(self, step: int) -> bool:
+        """Whether ``step`` runs the checked mode (a host read; only ever on a log step)."""
+        return self.cfg.check_every > 0 and step % self.cfg.check_every == 0
+
+    def loss_on(self, x0: Tensor, step: int, model: DiT | None = None, discrete: bool = False, slot: int = 0,
+                check: bool = False) -> Tensor:
+        """Mean per-token NELBO of micro-batch ``x0`` (B, L) at training step ``step``; its noise
+        comes from ``(seed, step, slot)``."""
+        self.gen.manual_seed(micro_seed(self.cfg.seed, step, slot, 1))
+        torch.manual_seed(micro_seed(self.cfg.seed, step, slot, 2))          # dropout
+        inputs = self._inputs(x0, step, discrete, micro_seed(self.cfg.seed, step, slot, 3))
         if model is None:
             return self._forward(x0, check=check, **inputs)
         return DuoObjective(model, self.cfg)(x0, check=check, **inputs)
 
-    def train_step(self, step: int) -> tuple[float, float, list[int]]:
-        """One optimizer update from ``accum`` micro-batches of this rank. Returns (mean loss,
-        gradient norm, checksums of the micro-batches' block indices)."""
+    def train_step(self, step: int, check: bool = False) -> tuple[Tensor, Tensor, list[int]]:
+        """One optimizer update from ``accum`` micro-batches of this rank, with no host read.
+        Returns (mean loss: 0-d device tensor, skipped: 0-d device bool, True when the loss was
+        not finite and the update was skipped; crc32 checksums of the micro-batches' block
+        indices, computed on the CPU)."""
         self.objective.train()
         losses, sums = [], []
-        for _ in range(self.accum):
-            idx = self.order.next_indices()
-            sums.append(zlib.crc32(idx.numpy().tobytes()))        # which blocks, from the CPU: no device sync
-            x0 = self.train_blocks[idx].to(self.device)
-            loss = self.loss_on(x0, step)
+        for j in range(self.accum):
+            x0, crc = self.feeder.next()
+            sums.append(crc)
+            loss = self.loss_on(x0, step, slot=j * self.world + self.rank, check=check)
             self.engine.backward(loss)
-            self.engine.step()
+            bad = ~torch.isfinite(loss.detach())
+            self.engine.step(bad)
             losses.append(loss.detach())
+        mean = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
         self._update_ema()
-        return float(torch.stack(losses).mean()), self.engine.grad_norm(), sums
+        return mean, ~torch.isfinite(mean), sums
 
     def step(self, x0: Tensor, step: int) -> tuple[float, float]:
-        """One optimizer update on the given batch (single process, plain engine)."""
+        """One optimizer update on the given batch (single process, plain engine); reads the
+        loss and gradient norm back (tests and notebooks, not the training loop)."""
         if not isinstance(self.engine, TorchEngine) or self.accum != 1:
             raise RuntimeError("Trainer.step(x0) needs the plain engine without accumulation; use train_step()")
         self.objective.train()
         loss = self.loss_on(x0, step)
         self.engine.backward(loss)
-        self.engine.step()
+        self.engine.step(~torch.isfinite(loss.detach()))
         self._update_ema()
         return float(loss.detach()), self.engine.grad_norm()
 
@@ -290,8 +310,7 @@ class Trainer:
         if self.ema is None:
             return
         with torch.no_grad(), self.engine.gathered():
-            for e, p in zip(self.ema, self.model.parameters()):
-                e.lerp_(p.detach().float(), 1 - self.cfg.ema)
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - self.cfg.ema)
 
     def _ema_model(self) -> DiT:
         model = DiT(self.model.config).to(self.device).eval()
@@ -306,15 +325,13 @@ class Trainer:
         with a fixed seed so that calls are comparable (averaged over ranks)."""
         model = self._ema_model() if use_ema and self.ema is not None else None
         self.objective.eval()
-        saved = self.gen.get_state()
-        self.gen.manual_seed(12345)
         B = self.micro
         losses = []
         for i in range(min(self.cfg.val_batches, max(1, self.val_blocks.shape[0] // B))):
             x0 = self.val_blocks[i * B:(i + 1) * B].to(self.device)
-            losses.append(float(self.loss_on(x0, step=0, model=model, discrete=True)))
-        self.gen.set_state(saved)
-        value = sum(losses) / len(losses)
+            # a fixed stream per validation batch (step -1), the same at every call
+            losses.append(self.loss_on(x0, step=-1, model=model, discrete=True, slot=i * self.world + self.rank))
+        value = float(torch.stack(losses).mean())
         return mean_over_ranks(value, self.device)
 
     def export(self, path: str | Path, step: int) -> Path | None:
@@ -331,13 +348,13 @@ class Trainer:
     # -- resumable checkpoints -------------------------------------------------------------
 
     def _gens(self) -> dict[str, torch.Generator]:
-        return {"gen": self.gen, "seed_gen": self.seed_gen}
+        return {"gen": self.gen}
 
     def save_checkpoint(self, root: Path, step: int, metrics: dict[str, Any]) -> Path:
         """A resumable checkpoint after ``step`` (a collective; see ``duo_fast.resume``)."""
         shared = {"step": step, "ema": self.ema, "metrics": metrics, "world": self.world,
                   "vocab_size": self.vocab_size, "config": dataclasses.asdict(self.cfg)}
-        mine = {"rng": generator_states(self._gens(), self.device), "order": self.order.state_dict()}
+        mine = {"rng": generator_states(self._gens(), self.device), "order": self.feeder.state_dict()}
         return write_checkpoint(root, step, self.engine, self.rank, shared, mine)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -350,10 +367,16 @@ class Trainer:
                              f"{self.cfg.tokenizer!r} gives {self.vocab_size}: they do not belong together")
         shared, mine = read_checkpoint(path, self.engine, self.rank)
         set_generator_states(self._gens(), mine["rng"], self.device)
-        self.order.load_state_dict(mine["order"])
+        self.feeder.load_state_dict(mine["order"])
         if self.ema is not None:
             self.ema = [e.to(self.device) for e in shared["ema"]]
         return shared
+
+
+def _device_sync(device: torch.device) -> None:
+    """Wait for the device: only where the loop reads values anyway (log steps, timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def model_flops_per_token(cfg: DiTConfig, length: int) -> float:
@@ -401,46 +424,68 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         except ImportError:
             print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
     stop = StopFlag()
-    bar = tqdm(range(start, cfg.steps), disable=not (cfg.progress and rank0), desc="train", dynamic_ncols=True,
-               initial=start, total=cfg.steps)
+    show_bar = cfg.progress and rank0 and sys.stdout.isatty()
+    bar = tqdm(range(start, cfg.steps), disable=not show_bar, desc="train", dynamic_ncols=True, initial=start,
+               total=cfg.steps)
+    meter = IntervalMeter(tr.device)
+    interval_sums: list[list[int]] = []
+    _device_sync(tr.device)
+    t_interval = time.perf_counter()
     step = start - 1
     try:
         for step in bar:
             phase = "curriculum" if tr.in_curriculum(step) else "discrete"
-            t0 = time.perf_counter()
-            loss, gn, sums = tr.train_step(step)
-            if tr.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            loss = mean_over_ranks(loss, tr.device)
-            metrics["seconds"][phase] += dt
-            metrics["tokens"][phase] += B * L
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}")
-            metrics["losses"][phase].append(loss)
-            bar.set_postfix(loss=f"{loss:.3f}", phase=phase[:5])
-            if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
-                metrics["val_curriculum"] = tr.validate()
-            logging = step % cfg.log_every == 0 or step == cfg.steps - 1
-            checksums = gather_ints(sums, tr.device) if logging else None     # a collective: every rank or none
-            if rank0 and logging:
-                tps = B * L / dt
-                rec = {"step": step, "loss": loss, "grad_norm": gn, "lr": tr.engine.lr(), "phase": phase,
-                       "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,
-                       "mfu": tps * flops_tok / peak if peak else None, "batch_checksums": checksums}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if tb is not None:
-                    for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
-                        tb.add_scalar(f"train/{k}", rec[k], step)
-            stopping = stop.after_step(step)
-            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            last_of_phase = step == cfg.steps - 1 or (phase == "curriculum" and step + 1 == cfg.curriculum_end)
+            logging = step % cfg.log_every == 0 or last_of_phase
+            loss, bad, sums = tr.train_step(step, check=logging and tr.checks_at(step))
+            meter.add(step, loss, bad)
+            interval_sums.append(sums)
+            stopping = agreed_stop(stop.after_step(step))
+            saving = bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
+            if logging or stopping or saving:              # the only host reads of the loop: once per interval
+                _device_sync(tr.device)
+                dt = time.perf_counter() - t_interval
+                read = meter.read()
+                n_steps = len(read["steps"])
+                metrics["seconds"][phase] += dt
+                metrics["tokens"][phase] += n_steps * B * L
+                finite = [v for v in read["losses"] if math.isfinite(v)]
+                metrics["losses"][phase].extend(finite)
+                if read["skipped"] and len(read["skipped"]) == n_steps:
+                    raise FloatingPointError(f"the loss was not finite at every step from {read['steps'][0]} to "
+                                             f"{read['steps'][-1]}; no update was applied in that interval")
+                if read["skipped"] and rank0:
+                    print(f"duo-fast train: non-finite loss at steps {read['skipped']}: those updates were skipped")
+                loss_now = read["losses"][-1]
+                if show_bar:
+                    bar.set_postfix(loss=f"{loss_now:.3f}", phase=phase[:5])
+                checksums = gather_ints(interval_sums[-1], tr.device) if logging else None   # every rank or none
+                interval_sums = []
+                if rank0 and logging:
+                    tps = n_steps * B * L / dt
+                    rec = {"step": step, "loss": loss_now, "loss_mean": sum(finite) / len(finite) if finite else None,
+                           "grad_norm": tr.engine.grad_norm(), "lr": tr.engine.lr(), "phase": phase,
+                           "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,
+                           "mfu": tps * flops_tok / peak if peak else None, "skipped_steps": read["skipped"],
+                           "batch_checksums": checksums}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if not show_bar and cfg.progress:
+                        print(f"step {step}/{cfg.steps} {phase} loss {loss_now:.4f} {tps:,.0f} tokens/s", flush=True)
+                    if tb is not None:
+                        for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                            tb.add_scalar(f"train/{k}", rec[k], step)
+                if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
+                    metrics["val_curriculum"] = tr.validate()
+                t_interval = time.perf_counter()
+            if stopping or saving:
                 path = tr.save_checkpoint(ckpt_root, step, metrics)
                 if stopping:
                     if rank0:
-                        print(f"duo-fast train: signal {stop.signum} at step {step}: checkpoint {path}; "
-                              f"run the same command to continue")
-                    raise SystemExit(128 + stop.signum)
+                        print(f"duo-fast train: signal {stop.signum or 'on another rank'} at step {step}: "
+                              f"checkpoint {path}; run the same command to continue")
+                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                t_interval = time.perf_counter()
     finally:
         stop.restore()
         if log is not None:

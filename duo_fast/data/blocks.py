@@ -42,7 +42,12 @@ class MappedBlocks:
     reads just those rows and returns them as an int64 tensor."""
 
     def __init__(self, data: np.ndarray, path: Path | None = None) -> None:
+        import warnings
+
         self.data, self.path = data, path
+        with warnings.catch_warnings():              # a read-only map: the tensor view is never written
+            warnings.simplefilter("ignore", UserWarning)
+            self._view = torch.from_numpy(data)      # once: indexing then runs as torch ops on the map
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,7 +58,7 @@ class MappedBlocks:
 
     def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
-            idx = idx.cpu().numpy()
+            return self._view.index_select(0, idx.cpu()).to(torch.int64)
         return torch.from_numpy(np.asarray(self.data[idx], dtype=np.int64))
 
 

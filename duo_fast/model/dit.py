@@ -18,15 +18,15 @@ from torch import Tensor, nn
 from .config import DiTConfig
 
 try:  # optional: only where it installs, used for CUDA bf16/fp16 tensors
-    from flash_attn import flash_attn_qkvpacked_func as _flash_qkvpacked
+    from flash_attn import flash_attn_func as _flash_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_qkvpacked = None
+    _flash_func = None
 
 __all__ = ["DiT", "flash_attention_available"]
 
 
 def flash_attention_available() -> bool:
-    return _flash_qkvpacked is not None
+    return _flash_func is not None
 
 
 class LayerNorm(nn.Module):
@@ -69,41 +69,60 @@ class TimestepEmbedder(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (base 10000, non-interleaved "rotate half")."""
+    """Rotary position embedding (base 10000, non-interleaved "rotate half"). ``forward``
+    returns ``cos`` and a signed ``sin`` (the first half negated), float32 or wider (L, head_dim), cached
+    per length and device: built on the first call of a shape, before any CUDA-graph capture."""
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+        self._cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
     def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        t = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
-        emb = torch.outer(t, self.inv_freq).repeat(1, 2)          # (L, head_dim)
-        return emb.cos(), emb.sin()
+        key = (length, device)
+        hit = self._cache.get(key)
+        if hit is None or torch.compiler.is_compiling():
+            dtype = torch.promote_types(self.inv_freq.dtype, torch.float32)
+            t = torch.arange(length, device=device, dtype=dtype)
+            emb = torch.outer(t, self.inv_freq.to(dtype)).repeat(1, 2)          # (L, head_dim)
+            half = emb.shape[-1] // 2
+            sign = torch.ones(emb.shape[-1], device=device, dtype=dtype)
+            sign[:half].neg_()
+            hit = (emb.cos(), emb.sin() * sign)
+            if not torch.compiler.is_compiling():
+                self._cache[key] = hit
+        return hit
+
+    def _apply(self, fn, recurse=True):                           # .to() / .double(): the cache is rebuilt
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):             # a loaded inv_freq: likewise
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(qkv: Tensor, cos: Tensor, sin_signed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv: (B, L, 3, H, hd) -> rotated q, k and v, each (B, L, H, hd); cos/sin_signed: (L, hd).
 
-
-def apply_rotary(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """qkv: (B, L, 3, H, hd); rotates q and k, leaves v. cos/sin: (L, hd)."""
-    cos = cos.to(qkv.dtype)[None, :, None, :]
-    sin = sin.to(qkv.dtype)[None, :, None, :]
-    q, k, v = qkv.unbind(2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return torch.stack((q, k, v), dim=2)
-
-
-def attention(qkv: Tensor) -> Tensor:
-    """Bidirectional attention. qkv: (B, L, 3, H, hd) -> (B, L, H * hd)."""
+    ``rotate_half(x) * sin`` is ``swap_halves(x) * sin_signed`` (first half of ``sin``
+    negated), and ``q`` and ``k`` are rotated together as one (B, L, 2, H, hd) view: two
+    multiplies, one half-swap and one add for both, and ``v`` stays a view of ``qkv``."""
     B, L, _, H, hd = qkv.shape
-    if _flash_qkvpacked is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
-        out = _flash_qkvpacked(qkv, 0.0, causal=False)          # (B, L, H, hd)
-        return out.reshape(B, L, H * hd)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)               # each (B, H, L, hd)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+    cos = cos.to(qkv.dtype)[None, :, None, None, :]
+    sin = sin_signed.to(qkv.dtype)[None, :, None, None, :]
+    qk = qkv[:, :, :2]
+    swapped = qk.unflatten(-1, (2, hd // 2)).flip(-2).flatten(-2)
+    qk = qk * cos + swapped * sin
+    return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Bidirectional attention. q, k, v: (B, L, H, hd) -> (B, L, H * hd)."""
+    B, L, H, hd = q.shape
+    if _flash_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_func(q, k, v, 0.0, causal=False).reshape(B, L, H * hd)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
     return out.transpose(1, 2).reshape(B, L, H * hd)
 
 
@@ -127,8 +146,8 @@ class DDiTBlock(nn.Module):
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
-        qkv = apply_rotary(qkv.view(B, L, 3, self.n_heads, D // self.n_heads), cos, sin)
-        h = self.attn_out(attention(qkv))
+        q, k, v = apply_rotary(qkv.view(B, L, 3, self.n_heads, D // self.n_heads), cos, sin)
+        h = self.attn_out(attention(q, k, v))
         x = x + gate_msa * F.dropout(h, self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * F.dropout(h, self.dropout, self.training)
@@ -204,6 +223,11 @@ class DiT(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    def compile_blocks(self, **kwargs) -> None:
+        """``torch.compile`` each transformer block in place (``kwargs`` go to ``torch.compile``)."""
+        for block in self.blocks:
+            block.compile(**kwargs)
 
     def forward(self, x: Tensor | tuple[Tensor, Tensor] | None, sigma: Tensor, *,
                 inputs_embeds: Tensor | None = None, return_hidden: bool = False) -> Tensor:

@@ -1,0 +1,136 @@
+"""What the training and distillation loops share to run without host round trips.
+
+* :func:`micro_seed`: the randomness of a micro-batch is a function of ``(seed, step, slot)``,
+  ``slot = micro_step * world + rank`` (the same slot as its data: ``BlockOrder`` gives rank
+  ``r`` the ``r``-th slice of each global micro-batch). So a run on one process with
+  accumulation draws exactly what the same run on several ranks draws, a restart needs no
+  generator state, and no step draws a seed through a tensor.
+* :class:`BatchFeeder`: the next micro-batch is gathered from the memory map, pinned and
+  copied with ``non_blocking`` while the current one computes (CUDA); its data position is the
+  one before the staged batch, so a checkpoint resumes at the right block.
+* :class:`IntervalMeter`: per-step losses, skip flags and the like stay device tensors and are
+  read once per log interval (one host read, one collective).
+* :func:`agreed_stop`: the signal flag OR-ed over ranks at every step boundary through a gloo
+  group on host tensors (no device work), so every rank checkpoints the same step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data.blocks import BlockOrder
+
+__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def micro_seed(seed: int, step: int, slot: int, stream: int = 0) -> int:
+    """A 62-bit seed of micro-batch ``slot`` of optimizer step ``step`` (pure Python)."""
+    h = _splitmix64(seed & _MASK64)
+    for v in (step, slot, stream):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h & ((1 << 62) - 1)
+
+
+class BatchFeeder:
+    """This rank's micro-batches from ``blocks`` (N, L) int64 in ``order``'s sequence, one staged
+    ahead. ``next() -> (x0 (micro, L) int64 on device, crc32 of the block indices)``."""
+
+    def __init__(self, blocks: Tensor, order: BlockOrder, device: torch.device) -> None:
+        self.blocks, self.order, self.device = blocks, order, device
+        self.pin = device.type == "cuda"
+        self._staged: tuple[Tensor, int] | None = None
+        self._state_before: dict[str, int] | None = None
+
+    def _stage(self) -> None:
+        import zlib
+
+        self._state_before = self.order.state_dict()
+        idx = self.order.next_indices()
+        rows = self.blocks[idx]
+        if self.pin:
+            rows = rows.pin_memory()
+        self._staged = (rows.to(self.device, non_blocking=True), zlib.crc32(idx.numpy().tobytes()))
+
+    def next(self) -> tuple[Tensor, int]:
+        if self._staged is None:
+            self._stage()
+        out = self._staged
+        self._stage()
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position of the next micro-batch ``next()`` returns."""
+        return self._state_before if self._staged is not None else self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.order.load_state_dict(state)
+        self._staged = self._state_before = None
+
+
+class IntervalMeter:
+    """Per-step device values of one log interval; :meth:`read` turns them into host floats
+    (mean over ranks) with one device read and one collective."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.steps: list[int] = []
+        self._loss: list[Tensor] = []
+        self._bad: list[Tensor] = []
+
+    def add(self, step: int, loss: Tensor, bad: Tensor) -> None:
+        """loss: 0-d float device tensor (this rank's mean over its micro-batches); bad: 0-d bool."""
+        self.steps.append(step)
+        self._loss.append(loss.detach().reshape(()).double())
+        self._bad.append(bad.detach().reshape(()).double())
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def read(self) -> dict[str, Any]:
+        """{steps, losses (mean over ranks per step), skipped (steps any rank skipped)}; resets."""
+        import torch.distributed as dist
+
+        if not self.steps:
+            return {"steps": [], "losses": [], "skipped": []}
+        n = len(self.steps)
+        packed = torch.cat([torch.stack(self._loss), torch.stack(self._bad)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(packed)
+            packed[:n] /= dist.get_world_size()
+        values = packed.cpu().tolist()                     # the one host read of the interval
+        out = {"steps": self.steps, "losses": values[:n],
+               "skipped": [s for s, b in zip(self.steps, values[n:]) if b > 0]}
+        self.steps, self._loss, self._bad = [], [], []
+        return out
+
+
+_CONTROL_GROUP: Any = None
+
+
+def agreed_stop(local: bool) -> bool:
+    """True on every rank when any rank has ``local`` set (host tensors over a gloo group: the
+    device is never touched). One process: ``local`` itself."""
+    global _CONTROL_GROUP
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    flag = torch.zeros(1, dtype=torch.int32)
+    if local:
+        flag += 1
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return bool(flag.numpy()[0])
