@@ -58,7 +58,7 @@ setup(
         "deepspeed",             # ZeRO 1-3 training; pure Python install (DS_BUILD_OPS=0)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ninja"],
+        "dev": ["pytest", "pytest-benchmark", "ninja", "omegaconf"],   # omegaconf: tests write public-style .ckpt files
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["duo-fast=duo_fast.cli:main"]},

@@ -212,6 +212,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     name = args.tokenizer or meta.get("tokenizer") or {50257: "gpt2", 50258: "gpt2", 30522: "bert-base-uncased"}.get(
         info.vocab_size)
     tokenizer = None
+    if not args.tokenizer and info.tokenizer is not None:      # the one pickled in a public .ckpt (read as data)
+        tokenizer, name = info.tokenizer, None
+        print(f"tokenizer: the one saved in the checkpoint ({info.tokenizer.name_or_path or 'unnamed'}, "
+              f"{len(info.tokenizer)} ids)")
+        try:
+            check_tokenizer_vocab(tokenizer, info.vocab_size)
+        except ValueError as e:
+            raise SystemExit(f"duo-fast: {e}") from e
     if name:
         try:
             tokenizer = get_tokenizer(name, meta.get("tokenizer_vocab", 4096))

@@ -48,93 +48,21 @@ class PretrainedInfo:
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)      # config.json's "duo_fast" entry (tokenizer, step)
     notes: list[str] = field(default_factory=list)
+    algo: str | None = None          # a Lightning checkpoint's algo.name (duo, duo_base, distillation, ...)
+    tokenizer: Any = None            # the tokenizer pickled in a Lightning checkpoint, rebuilt as data
 
 
 # ---------------------------------------------------------------------------------------------
 # Pickles
 # ---------------------------------------------------------------------------------------------
 
-class _Dropped:
-    """Stands in for any object of a class the restricted unpickler does not trust. It keeps
-    the object's unpickled arguments and state (already plain data), never its behaviour."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Dropped":
-        obj = object.__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return "<dropped>"
-
-
-_SAFE = {
-    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("builtins", "set"), ("builtins", "frozenset"),
-    ("builtins", "slice"), ("builtins", "complex"), ("torch", "Size"), ("torch", "device"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"), ("torch.nn.parameter", "Parameter"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
-}
-
-
-# Globals from these modules can run code when called during unpickling: refused outright.
-_FORBIDDEN_ROOTS = {"builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "socket", "shutil",
-                    "importlib", "runpy", "pickle", "marshal", "code", "codeop", "ctypes", "types", "functools",
-                    "operator", "io", "pathlib", "tempfile", "webbrowser", "pty", "signal", "multiprocessing",
-                    "threading", "asyncio", "torch", "numpy", "dill", "cloudpickle", "pydoc", "inspect"}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only tensor-rebuilding functions, dtypes and plain containers. Globals of
-    modules that can run code (``os.system``, ``builtins.eval``, any other ``torch.*``) are an
-    error; classes of other modules (Lightning/Hydra metadata) become :class:`_Dropped`, so no
-    code of the checkpoint's classes ever runs."""
-
-    dropped: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "torch" and name.endswith("Storage"):
-            return super().find_class(module, name)
-        if module.split(".")[0] in _FORBIDDEN_ROOTS:
-            raise pickle.UnpicklingError(f"forbidden global {module}.{name} in the pickle "
-                                         "(pass --trust-checkpoint / trust_checkpoint=True only if you trust the file)")
-        _RestrictedUnpickler.dropped.add(f"{module}.{name}")
-        return _Dropped
-
-
-class _RestrictedPickleModule:
-    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` and ``load``."""
-
-    Unpickler = _RestrictedUnpickler
-    __name__ = "duo_fast_restricted_pickle"
-
-    @staticmethod
-    def load(f: Any, **kw: Any) -> Any:
-        return _RestrictedUnpickler(f, **kw).load()
-
-
 def load_pickle_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> tuple[Any, list[str]]:
-    """``torch.load`` a pickle safely. Returns ``(object, notes)``: tries ``weights_only=True``,
-    then (for metadata classes) the restricted unpickler; ``trust_checkpoint=True`` allows
-    arbitrary code, as plain ``torch.load`` would."""
+    """``torch.load`` a pickle without running code from it. Returns ``(object, notes)``: tries
+    ``weights_only=True``, then :mod:`duo_fast.safe_pickle` (objects of other classes, such as
+    the OmegaConf config and tokenizer of a Lightning checkpoint, become inert records);
+    ``trust_checkpoint=True`` allows arbitrary code, as plain ``torch.load`` would."""
+    from . import safe_pickle
+
     path = Path(path)
     if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False), ["loaded with arbitrary unpickling (trusted)"]
@@ -144,18 +72,15 @@ def load_pickle_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> 
         first_error = e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    _RestrictedUnpickler.dropped = set()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except pickle.UnpicklingError as e:
-        if str(e).startswith("forbidden global"):
-            raise CheckpointError(f"{path}: {e}") from e
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
+        obj, classes = safe_pickle.load(path)
+    except safe_pickle.UnsafePickleError as e:
+        raise CheckpointError(f"{path}: {e}; pass --trust-checkpoint / trust_checkpoint=True only if you trust "
+                              "the file") from e
     except Exception as e:  # noqa: BLE001 - any other failure here is a corrupt file
-        raise CheckpointError(f"{path} could not be read even with the restricted unpickler ({e}); "
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
                               f"weights_only said: {first_error}") from e
-    dropped = sorted(_RestrictedUnpickler.dropped)
-    return obj, [f"restricted unpickler dropped objects of: {', '.join(dropped)}"] if dropped else []
+    return obj, [f"metadata objects read as inert records: {', '.join(classes)}"] if classes else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,33 +158,84 @@ def _from_hf_folder(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], d
     raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
 
 
-def _plain(x: Any) -> Any:
-    """Unwrap dropped objects to their state; OmegaConf-style nodes to their content/value."""
-    while isinstance(x, _Dropped):
-        x = x.state if x.state is not None else (x.args[0] if x.args else None)
-        if isinstance(x, dict) and ("_content" in x or "_val" in x):
-            x = x.get("_content", x.get("_val"))
-    return x
+# algo.name values of the public code whose checkpoints are Duo denoisers (uniform-state, mean
+# parameterisation, time-conditioned): trained, base, distilled (DCD) and OT-finetuned
+DUO_ALGOS = ("duo", "duo_base", "distillation", "ot-finetune")
 
 
-def _lightning_length(obj: Any, depth: int = 0) -> int | None:
-    """The training length (``model.length`` of the run's config) anywhere in the metadata."""
-    x = _plain(obj)
-    if depth > 12:
+def lightning_metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a public Lightning checkpoint says about its model, as plain data: ``config`` (the
+    run's OmegaConf config as a dict, or {}), ``algo``, ``parameterization``, ``length``,
+    ``model`` (the ``model`` section) and ``tokenizer`` (its plain record, or None)."""
+    from .safe_pickle import to_plain
+
+    hp = to_plain(obj.get("hyper_parameters"))
+    if isinstance(hp, dict) and "__class__" in hp:          # a dict subclass (Lightning's AttributeDict)
+        hp = hp.get("items") or hp.get("state") or {}
+    hp = hp if isinstance(hp, dict) else {}
+    config = hp.get("config") if isinstance(hp.get("config"), dict) else {}
+    algo = config.get("algo") if isinstance(config.get("algo"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    length = model.get("length")
+    return {"config": config, "algo": algo.get("name"), "parameterization": algo.get("parameterization"),
+            "time_conditioning": algo.get("time_conditioning"), "causal_attention": algo.get("causal_attention"),
+            "length": length if isinstance(length, int) and not isinstance(length, bool) else None,
+            "model": model, "tokenizer": hp.get("tokenizer")}
+
+
+def _check_duo(meta: dict[str, Any], path: Path) -> None:
+    """Refuse checkpoints of other algorithms: same DiT keys, a different meaning."""
+    name, param = meta["algo"], meta["parameterization"]
+    if name is None:
+        return
+    if name not in DUO_ALGOS or param not in (None, "mean") or meta["causal_attention"] or \
+            meta["time_conditioning"] is False:
+        what = {"mdlm": "an MDLM (masked diffusion)", "sedd": "a SEDD (score entropy)", "d3pm": "a D3PM",
+                "ar": "an autoregressive"}.get(name, f"an algo.name={name!r}")
+        raise CheckpointError(f"{path} is {what} checkpoint (algo.name={name!r}, parameterization={param!r}); "
+                              f"duo_fast loads Duo models only (algo.name in {', '.join(DUO_ALGOS)})")
+
+
+def tokenizer_from_record(record: Any) -> Any:
+    """A ``transformers`` fast tokenizer rebuilt from the plain record of a pickled one (its
+    ``tokenizers`` JSON and special tokens: data only, nothing of the pickle runs), or None."""
+    if not isinstance(record, dict):
         return None
-    if isinstance(x, dict):
-        model = _plain(x.get("model"))
-        if isinstance(model, dict) and isinstance(_plain(model.get("length")), int):
-            return int(_plain(model["length"]))
-        values = x.values()
-    elif isinstance(x, (list, tuple)):
-        values = x
-    else:
+    state = record.get("state") if isinstance(record.get("state"), dict) else {}
+    inner = state.get("_tokenizer")
+    raw = inner.get("state") if isinstance(inner, dict) else None
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode("utf-8", errors="strict")
+    if not isinstance(raw, str):
         return None
-    for v in values:
-        if (found := _lightning_length(v, depth + 1)) is not None:
-            return found
-    return None
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        backend = Tokenizer.from_str(raw)
+    except Exception:  # noqa: BLE001 - not a tokenizers JSON: no tokenizer
+        return None
+
+    def token(v: Any) -> str | None:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, dict):                          # an AddedToken record
+            st = v.get("state") if isinstance(v.get("state"), dict) else {}
+            content = st.get("content")
+            if content is None and v.get("args"):
+                content = v["args"][0]
+            return content if isinstance(content, str) else None
+        return None
+
+    specials = {}
+    for src in (state.get("init_kwargs"), state.get("_special_tokens_map")):
+        if isinstance(src, dict):
+            for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+                if token(src.get(k)) is not None:
+                    specials[k] = token(src[k])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    tok.name_or_path = state.get("name_or_path") or ""
+    return tok
 
 
 def _from_lightning(path: Path, ema: bool, trust: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], str, list[str], str]:
@@ -270,10 +246,14 @@ def _from_lightning(path: Path, ema: bool, trust: bool) -> tuple[dict[str, torch
     others = sorted({k.split(".", 1)[0] for k in obj["state_dict"] if not k.startswith(PREFIX)})
     if others:
         notes.append(f"ignored state_dict prefixes: {', '.join(others)}")
+    meta = lightning_metadata(obj)
+    _check_duo(meta, path)
     base: dict[str, Any] = {}
-    length = _lightning_length(obj.get("hyper_parameters"))
-    if length:
-        base["model_length"] = length
+    if meta["length"]:
+        base["model_length"] = meta["length"]
+    if meta["algo"]:
+        notes.append(f"algo {meta['algo']} ({meta['parameterization']}), model {meta['model'].get('name', '?')}")
+    base["_lightning"] = meta
     weights = "raw"
     if ema:
         e = obj.get("ema")
@@ -281,7 +261,8 @@ def _from_lightning(path: Path, ema: bool, trust: bool) -> tuple[dict[str, torch
         if shadow is None:
             notes.append("no EMA in the checkpoint; using the raw weights")
         else:
-            model = DiT(config_from_state_dict(sd, base))
+            with torch.device("meta"):
+                model = DiT(config_from_state_dict(sd, {k: v for k, v in base.items() if k != "_lightning"}))
             names = [n for n, _ in model.named_parameters()]
             if len(shadow) < len(names):
                 raise CheckpointError(f"{path}: the EMA has {len(shadow)} tensors, the denoiser {len(names)} parameters")
@@ -322,7 +303,10 @@ def load_pretrained(path_or_hub_id: str | Path, ema: bool = True, device: str | 
         return load_pretrained(local, ema=ema, device=device, dtype=dtype, trust_checkpoint=trust_checkpoint)
     else:
         raise CheckpointError(f"{src!r} is neither a checkpoint folder, a .ckpt file nor a hub id")
+    lightning = cfg.pop("_lightning", None) if fmt == "lightning" else None
     config = config_from_state_dict(sd, cfg)
+    if lightning is not None:
+        _check_sizes(config, lightning["model"], src)
     with torch.device("meta"):
         model = DiT(config)
     model = model.to_empty(device="cpu")
@@ -330,8 +314,20 @@ def load_pretrained(path_or_hub_id: str | Path, ema: bool = True, device: str | 
     model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
     info = PretrainedInfo(source=src, format=fmt, vocab_size=config.vocab_size, length=config.model_length,
                           preset=preset_name(config), weights=weights, config=config.to_dict(),
-                          extra=dict(cfg.get("duo_fast") or {}), notes=notes)
+                          extra=dict(cfg.get("duo_fast") or {}), notes=notes,
+                          algo=lightning["algo"] if lightning else None,
+                          tokenizer=tokenizer_from_record(lightning["tokenizer"]) if lightning else None)
     return model, info
+
+
+def _check_sizes(config: DiTConfig, model_section: dict[str, Any], source: str) -> None:
+    """The pickled config's model sizes must be those of the weights."""
+    pairs = (("hidden_size", config.hidden_dim), ("n_blocks", config.n_blocks), ("n_heads", config.n_heads),
+             ("cond_dim", config.cond_dim))
+    for key, have in pairs:
+        want = model_section.get(key)
+        if isinstance(want, int) and want != have:
+            raise CheckpointError(f"{source}: the pickled config says model.{key} = {want}, the weights {have}")
 
 
 def describe(info: PretrainedInfo) -> str:

@@ -20,18 +20,6 @@ from duo_fast.model import DiT, DiTConfig
 from duo_fast.pretrained import CheckpointError, config_from_state_dict, load_pretrained
 
 
-class HydraLikeConfig:
-    """Stands for the metadata classes (omegaconf, Lightning) found in public .ckpt files."""
-
-    def __init__(self, d):
-        self.d = d
-
-
-class Exploit:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
-
 def _random_weights(preset: str, K: int) -> dict[str, torch.Tensor]:
     cfg = DiTConfig.from_name(preset, vocab_size=K, model_length=64)
     model = DiT(cfg)
@@ -58,18 +46,66 @@ def write_hf(folder, sd, cfg, fmt="safetensors"):
     return folder
 
 
-def write_lightning(path, raw, ema_sd, extra_meta=True):
-    """A Lightning checkpoint: backbone + teacher keys, an EMA list in parameter order, metadata."""
+def public_tokenizer(folder=None) -> object:
+    """A ``BertTokenizerFast`` as the public LM1B runs pickle it (a small local vocabulary)."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert len(tok) == 10
+    return tok
+
+
+def public_config(length: int, preset: str = "tiny", algo: str = "duo", parameterization: str = "mean"):
+    """The run's OmegaConf config as the public trainer's ``save_hyperparameters()`` pickles it."""
+    import omegaconf
+
+    sizes = {"tiny": (256, 8, 8), "small": (768, 12, 12)}[preset]
+    return omegaconf.OmegaConf.create({
+        "mode": "train", "seed": 1,
+        "model": {"name": preset, "type": "ddit", "hidden_size": sizes[0], "cond_dim": 128, "length": length,
+                  "n_blocks": sizes[1], "n_heads": sizes[2], "scale_by_sigma": True, "dropout": 0.1,
+                  "tie_word_embeddings": False, "vocab_lookup": True},
+        "algo": {"name": algo, "backbone": "dit", "parameterization": parameterization,
+                 "time_conditioning": algo != "mdlm", "T": 0, "subs_masking": False, "causal_attention": False,
+                 "curriculum": {"mode": "simple", "gamma_min": -3.5, "gamma_max": -1.75}},
+        "data": {"train": "lm1b-wrap", "tokenizer_name_or_path": "bert-base-uncased", "wrap": True},
+        "training": {"ema": 0.9999, "antithetic_sampling": True, "sampling_eps": 1e-3},
+        "sampling": {"predictor": "ancestral", "steps": 1000, "noise_removal": "ancestral",
+                     "psi": {"high_mode": "pure-posterior", "high_frac": 0.2}},
+        "trainer": {"max_steps": 1000000, "precision": "bf16", "devices": "${eval:1}"},
+    })
+
+
+def write_lightning(path, raw, ema_sd, length=64, preset="tiny", algo="duo", parameterization="mean",
+                    tokenizer=None, callbacks_extra=None):
+    """A checkpoint laid out as the public Lightning trainer writes one: ``state_dict`` with
+    ``backbone.*`` (and a DCD ``teacher.*``), ``ema`` (decay, num_updates, shadow_params in the
+    backbone's parameter order), ``hyper_parameters`` = {config: DictConfig, tokenizer: object},
+    loops, callbacks, optimizer and scheduler states."""
     with torch.device("meta"):
         model = DiT(config_from_state_dict(raw))                   # the parameter order of this backbone
     order = [n for n, _ in model.named_parameters()]
     state = {"backbone." + k: v for k, v in raw.items()}
     state.update({"teacher." + k: v + 1 for k, v in list(raw.items())[:3]})
-    ck = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.2.0", "state_dict": state,
-          "ema": {"decay": 0.9999, "num_updates": 1000, "shadow_params": [ema_sd[n] for n in order]},
-          "optimizer_states": [], "lr_schedulers": []}
-    if extra_meta:
-        ck["hyper_parameters"] = {"config": HydraLikeConfig({"model": {"length": 64}})}
+    callbacks = {"ModelCheckpoint{'monitor': 'val/nll', 'mode': 'min', 'every_n_train_steps': 500}": {
+        "monitor": "val/nll", "best_model_score": torch.tensor(3.1), "best_model_path": "/ckpt/best.ckpt",
+        "current_score": torch.tensor(3.2), "dirpath": "/ckpt", "best_k_models": {"/ckpt/best.ckpt": torch.tensor(3.1)},
+        "kth_best_model_path": "/ckpt/best.ckpt", "kth_value": torch.tensor(3.1), "last_model_path": "/ckpt/last.ckpt"}}
+    callbacks.update(callbacks_extra or {})
+    first = order[0]
+    ck = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.5.0", "state_dict": state,
+          "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}},
+                                 "epoch_loop.state_dict": {"_batches_that_stepped": 1000}}},
+          "callbacks": callbacks,
+          "optimizer_states": [{"state": {0: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(raw[first]),
+                                              "exp_avg_sq": torch.zeros_like(raw[first])}},
+                                "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
+                                                  "amsgrad": False, "params": [0], "initial_lr": 3e-4}]}],
+          "lr_schedulers": [{"base_lrs": [3e-4], "last_epoch": 1000, "_step_count": 1001, "lr_lambdas": [None]}],
+          "hparams_name": "kwargs",
+          "hyper_parameters": {"config": public_config(length, preset, algo, parameterization), "tokenizer": tokenizer},
+          "ema": {"decay": 0.9999, "num_updates": 1000, "shadow_params": [ema_sd[n] for n in order]}}
     torch.save(ck, path)
     return path
 
@@ -91,10 +127,10 @@ def test_both_public_layouts_load_exactly(tmp_path, preset, K):
     assert_close(model(ids, sigma), _direct_model(ema, preset, K)(ids, sigma), atol=1e-6, rtol=1e-6, what="hf")
     del model
 
-    lt = write_lightning(tmp_path / "last.ckpt", raw, ema)
-    model, info = load_pretrained(lt)                                    # EMA by default
-    assert info.weights == "ema" and info.length == 64 and any("teacher" in n for n in info.notes)
-    assert any("dropped" in n for n in info.notes)                       # the metadata class
+    lt = write_lightning(tmp_path / "last.ckpt", raw, ema, length=128, preset=preset)
+    model, info = load_pretrained(lt)                                    # EMA by default, no trust flag
+    assert info.weights == "ema" and info.length == 128 and any("teacher" in n for n in info.notes)
+    assert info.algo == "duo" and any("omegaconf.dictconfig.DictConfig" in n for n in info.notes)
     assert_close(model(ids, sigma), _direct_model(ema, preset, K)(ids, sigma), atol=1e-6, rtol=1e-6, what="ema")
     raw_model, info = load_pretrained(lt, ema=False)
     assert info.weights == "raw"
@@ -138,25 +174,90 @@ def test_corrupt_and_wrong_inputs(tmp_path):
         main(["sample", "--checkpoint", str(good), "--tokenizer", "bundled", "--steps", "1", "--batch", "1"])
 
 
-def test_forbidden_global_needs_trust(tmp_path):
+class Exploit:
+    """A reduce that would create a marker file if anything ever called it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_public_lightning_checkpoint_loads_as_written(tmp_path):
+    """A .ckpt laid out exactly as the public trainer writes one (pickled DictConfig with
+    model.length = 128, pickled BertTokenizerFast, EMA dict, loops, callbacks, optimizer states)
+    loads with no flag and no omegaconf import on the loading side, reports length 128, and gives
+    the public DiT's logits with the EMA weights (the written-out forward of test_model)."""
+    import subprocess
+    import sys
+
+    from test_model import _manual_forward
+
+    raw = _random_weights("tiny", 10)
+    ema = {k: (v * 0.7 + 0.01 if v.is_floating_point() and k != "rotary_emb.inv_freq" else v) for k, v in raw.items()}
+    path = write_lightning(tmp_path / "last.ckpt", raw, ema, length=128, tokenizer=public_tokenizer(tmp_path))
+    model, info = load_pretrained(path)
+    assert (info.format, info.length, info.weights, info.algo, info.vocab_size) == ("lightning", 128, "ema", "duo", 10)
+    ids, sigma = torch.randint(0, 10, (2, 128)), torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        got = model(ids, sigma)
+        want = _manual_forward(_direct_model(ema, "tiny", 10).double(), ids, sigma.double())
+    assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5, what="EMA logits")
+    # the pickled tokenizer is rebuilt from its data: the same ids as the original object
+    tok = info.tokenizer
+    assert tok is not None and len(tok) == 10
+    assert tok("the cat sat on the mat")["input_ids"] == public_tokenizer()("the cat sat on the mat")["input_ids"]
+    # loading imports nothing of the pickle's classes (a fresh interpreter, omegaconf blocked)
+    code = ("import sys; sys.modules['omegaconf'] = None; sys.modules['lightning'] = None\n"
+            "from duo_fast.pretrained import load_pretrained\n"
+            f"m, i = load_pretrained({str(path)!r}); assert i.length == 128, i\n"
+            "assert 'omegaconf.dictconfig' not in sys.modules and 'transformers.models.bert' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_code_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     sd = _random_weights("tiny", 300)
-    path = write_lightning(tmp_path / "evil.ckpt", sd, sd)
-    ck = torch.load(path, weights_only=False)
-    ck["hyper_parameters"] = {"callback": Exploit()}
-    torch.save(ck, path)
-    with pytest.raises(CheckpointError, match="forbidden global posix.system|forbidden global os.system"):
+    marker = tmp_path / "pwned"
+    path = write_lightning(tmp_path / "evil.ckpt", sd, sd, callbacks_extra={"Evil": {"state": Exploit(marker)}})
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="forbidden global (posix|os).system"):
         load_pretrained(path)
     with pytest.raises(SystemExit, match="forbidden global"):
         main(["sample", "--checkpoint", str(path), "--steps", "1", "--batch", "1"])
+    assert not marker.exists(), "the checkpoint's code ran"
+    for hostile in [(eval, ("1",)), (getattr, ("text", "upper")), (__import__, ("os",))]:
+        class Hostile:
+            def __reduce__(self, h=hostile):
+                return h
+        bad = write_lightning(tmp_path / "h.ckpt", sd, sd, callbacks_extra={"H": Hostile()})
+        with pytest.raises(CheckpointError, match=r"forbidden global (__builtin__|builtins)\.(eval|getattr|__import__)"):
+            load_pretrained(bad)
     model, info = load_pretrained(path, trust_checkpoint=True)            # explicit trust: plain torch.load
-    assert "trusted" in info.notes[0]
+    assert "trusted" in info.notes[0] and marker.exists()
 
 
-def test_restricted_unpickler_never_runs_metadata_code(tmp_path):
+@pytest.mark.parametrize("algo,param", [("mdlm", "subs"), ("sedd", "score"), ("d3pm", "mean"), ("ar", "ar")])
+def test_other_algorithms_are_refused_by_name(tmp_path, algo, param):
+    sd = _random_weights("tiny", 300)
+    path = write_lightning(tmp_path / f"{algo}.ckpt", sd, sd, algo=algo, parameterization=param)
+    with pytest.raises(CheckpointError, match=f"algo.name='{algo}'.*Duo models only"):
+        load_pretrained(path)
+
+
+def test_distilled_and_base_duo_checkpoints_load(tmp_path):
+    sd = _random_weights("tiny", 300)
+    for algo in ("duo_base", "distillation"):
+        model, info = load_pretrained(write_lightning(tmp_path / f"{algo}.ckpt", sd, sd, algo=algo))
+        assert info.algo == algo
+
+
+def test_weights_only_refuses_the_metadata_the_safe_reader_accepts(tmp_path):
     sd = _random_weights("tiny", 300)
     path = write_lightning(tmp_path / "m.ckpt", sd, sd)
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=True)                               # the metadata class is not allowed
+        torch.load(path, weights_only=True)                               # the metadata classes are not allowed
     model, info = load_pretrained(path)
     assert info.weights == "ema"
 
@@ -220,3 +321,18 @@ def test_gen_ppl_with_a_local_causal_lm(tiny_export, tmp_path):
     assert g["num_samples"] == 7 and math.isfinite(g["gen_ppl"]) and g["gen_ppl"] > 1
     assert g["unigram_entropy"] == pytest.approx(unigram_entropy([r["token_ids"] for r in rows]))
     assert unigram_entropy([[1] * 10]) == 0.0 and unigram_entropy([[1, 2]]) == pytest.approx(math.log(2))
+
+
+def test_sample_from_a_public_ckpt_uses_its_pickled_tokenizer(tmp_path, capsys):
+    """`duo-fast sample --checkpoint last.ckpt`: no flag, the tokenizer saved in the file, and
+    the timing line with the graph-capture seconds and the wall time."""
+    raw = _random_weights("tiny", 10)
+    path = write_lightning(tmp_path / "last.ckpt", raw, raw, length=16, tokenizer=public_tokenizer(tmp_path))
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--checkpoint", str(path), "--steps", "2", "--batch", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tokenizer: the one saved in the checkpoint" in text
+    assert "CUDA-graph capture" in text and "wall time" in text
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["token_ids"]) == 16 and isinstance(r["text"], str) for r in rows)
