@@ -1,4 +1,8 @@
-"""``duo-fast``: the command line (``train``, ``sample``, ``eval``)."""
+"""``duo-fast``: the command line (``train``, ``distill``, ``sample``, ``eval``, ``bench``).
+
+Every input is checked before any heavy work; a bad one ends the command with one line naming
+the flag or file and the problem, and exit code 2 (:class:`CliError`), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,69 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
-__all__ = ["main", "build_parser", "train_config_from_args"]
+__all__ = ["main", "build_parser", "train_config_from_args", "CliError"]
 
 
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+class CliError(SystemExit):
+    """A usage or input error: ``main`` prints ``duo-fast CMD: message`` and exits with 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+class _Help(argparse.HelpFormatter):
+    """Each flag's default once: appended unless the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, bad choice) as one line and exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, presets: dict[str, dict[str, Any]]) -> None:
-    """--preset, --config and one flag per field of the config dataclass ``cls``."""
+    """--preset, --config and one flag per field of the config dataclass ``cls``: booleans as
+    ``--x/--no-x``, choices listed, each default shown once."""
     p.add_argument("--preset", choices=sorted(presets), default=None,
                    help="a named recipe: " + "; ".join(f"{k}: {v.get('dataset')}" for k, v in presets.items()))
     p.add_argument("--config", default=None, help=f"a JSON or YAML file of {cls.__name__} fields")
     for f in dataclasses.fields(cls):
-        typ = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"{f.metadata['help']} (default: {f.default})"
+        if _TYPES.get(str(f.type)) is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            p.add_argument(flag, dest=f.name, type=_TYPES.get(str(f.type), str), default=None, help=helptext,
+                           choices=f.metadata.get("choices"))
+    # the deepspeed launcher passes --local_rank; the rank comes from the environment either way
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +80,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a Duo model (curriculum, then discrete USDM)",
                        description="Train a Duo denoiser. Values come from the dataclass defaults (the public "
-                                   "recipe), then --preset, then --config, then the flags below.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "recipe), then --preset, then --config, then the flags below.")
     _add_dataclass_args(p, TrainConfig, TRAIN_PRESETS)
 
 
@@ -47,23 +89,24 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("distill", help="Discrete Consistency Distillation of a trained model (few-step sampling)",
                        description="Distil a Duo model with DCD. Values come from the dataclass defaults (the public "
-                                   "recipe), then --preset, then --config, then the flags below.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "recipe), then --preset, then --config, then the flags below.")
     _add_dataclass_args(p, DistillConfig, DISTILL_PRESETS)
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="a HF folder (config.json + model.safetensors / pytorch_model.bin), a hub id, or a Lightning .ckpt")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights of a Lightning checkpoint, not its EMA")
-    p.add_argument("--trust-checkpoint", action="store_true",
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights of a Lightning checkpoint (--no-ema: its raw weights)")
+    p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="allow arbitrary unpickling of .ckpt/.bin files (runs code from the file: only for files you trust)")
     p.add_argument("--tokenizer", default=None,
-                   help="'bundled', a local folder or hub name (default: the checkpoint's, else gpt2 for K=50257/50258, "
-                        "bert-base-uncased for K=30522)")
+                   help="'bundled', a local folder or hub name (default: the checkpoint's own, else gpt2 for "
+                        "K=50257/50258, bert-base-uncased for K=30522)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (only on a terminal)")
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -77,14 +120,14 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of x_theta (1.0: off)")
     p.add_argument("--psi-kappa", default=None,
                    help="Psi sampler: kappa (one value) or START,END (linear over the steps); 1 is ancestral")
-    p.add_argument("--unfused", action="store_true",
-                   help="write the logits and sample from them (default: draws fused with the output projection)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the step loop eagerly (no CUDA graph)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="draws fused with the output projection (--no-fused: write the logits and sample from them)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, capture the step loop in a CUDA graph (--no-cuda-graph: run it eagerly)")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="sample text from a checkpoint with the few-step sampler",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("sample", help="sample text from a checkpoint with the few-step sampler")
     _add_checkpoint_args(p)
     _add_sample_args(p)
     p.add_argument("--out", default=None, help="write samples as JSONL (text, token ids, seed, steps) to this file")
@@ -94,8 +137,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from .evaluate import EVAL_DATASETS
 
-    p = sub.add_parser("eval", help="perplexity (RB NELBO) on a dataset, and/or generative perplexity of samples",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("eval", help="perplexity (RB NELBO) on a dataset, and/or generative perplexity of samples")
     _add_checkpoint_args(p)
     p.add_argument("--dataset", default=None,
                    help=f"{', '.join(EVAL_DATASETS)}, bundled, or text:PATH (a .txt, one document per line, or .jsonl)")
@@ -110,8 +152,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="reference-style vs duo_fast: kernels, sampling, training steps",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("bench", help="reference-style vs duo_fast: kernels, sampling, training steps")
     p.add_argument("what", choices=["kernels", "sample", "train", "all"], help="which group of cases")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="tiny: CPU sizes; small: the GPU shapes")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
@@ -120,13 +161,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length", type=int, default=None, help="override the preset's sequence length")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per path (median reported)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (only on a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="duo-fast", description="Fast Duo: training, distillation and sampling "
-                                     "of uniform-state discrete diffusion language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="duo-fast", description="Fast Duo: training, distillation and sampling "
+                     "of uniform-state discrete diffusion language models.")
+    # the deepspeed launcher passes --local_rank=N before the command's own flags
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_distill(sub)
     _add_sample(sub)
@@ -135,35 +180,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _coerce(value: Any, typ: type, name: str, source: str) -> Any:
+    """A config-file value as the field's declared type (YAML reads ``1e-4`` as a string)."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            f = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            f = None
+        if f is not None and f.is_integer():
+            return int(f)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    _fail(f"{source}: field {name!r} must be {typ.__name__}, got {value!r}")
+
+
+def _read_config_file(path_text: str, command: str) -> dict[str, Any]:
+    path = Path(path_text)
+    if not path.is_file():
+        _fail(f"--config {path_text}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"--config {path_text}: cannot be read ({type(e).__name__})")
+    if path_text.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            _fail(f"--config {path_text}: not valid YAML" + (f" (line {where.line + 1})" if where else ""))
+    else:
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(f"--config {path_text}: not valid JSON (line {e.lineno}: {e.msg})")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        _fail(f"--config {path_text}: must hold a mapping of field names to values")
+    return loaded
+
+
 def config_from_args(args: argparse.Namespace, cls: type, presets: dict[str, dict[str, Any]]) -> Any:
-    """Dataclass defaults, then --preset, then --config (unknown fields are an error), then flags."""
+    """Dataclass defaults, then --preset, then --config (unknown fields are an error; values are
+    coerced to the fields' types), then flags."""
     values: dict[str, Any] = {}
     if args.preset:
         values.update(presets[args.preset])
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise SystemExit(f"duo-fast {args.command}: config file {args.config} does not exist")
-        text = path.read_text()
-        if args.config.endswith((".yaml", ".yml")):
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        else:
-            loaded = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(loaded) - names)
+        loaded = _read_config_file(args.config, args.command)
+        unknown = sorted(set(loaded) - set(fields))
         if unknown:
-            raise SystemExit(f"duo-fast {args.command}: unknown config field(s) {unknown} in {args.config}")
-        values.update(loaded)
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name)
+            _fail(f"--config {args.config}: unknown field(s) {unknown}")
+        for k, v in loaded.items():
+            f = fields[k]
+            v = _coerce(v, _TYPES.get(str(f.type), str), k, f"--config {args.config}")
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                _fail(f"--config {args.config}: field {k!r} must be one of {list(choices)}, got {v!r}")
+            values[k] = v
+    for name in fields:
+        v = getattr(args, name)
         if v is not None:
-            values[f.name] = v
+            values[name] = v
     try:
         return cls(**values)
     except ValueError as e:
-        raise SystemExit(f"duo-fast {args.command}: {e}") from e
+        _fail(str(e))
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
@@ -172,25 +273,47 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     return config_from_args(args, TrainConfig, TRAIN_PRESETS)
 
 
+def _launcher_rank(args: argparse.Namespace) -> None:
+    """``deepspeed`` passes ``--local_rank=N`` (and sets LOCAL_RANK); torchrun sets only the variable."""
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+
+def _check_device(name: str) -> Any:
+    from .devices import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        _fail(f"--device {name}: {e}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
+    _launcher_rank(args)
     cfg = train_config_from_args(args)
+    device = _check_device(cfg.device)
+    if device.type == "cpu" and cfg.model != "tiny" and cfg.steps >= 100_000:
+        print(f"duo-fast train: warning: the full recipe ({cfg.model} model, {cfg.steps:,} steps of {cfg.batch_size} "
+              f"sequences) on a CPU would take months; for a CPU run try --preset demo", file=sys.stderr)
     try:
         train(cfg)
     except (ValueError, FileNotFoundError) as e:       # bad input found before training: a clear message
-        raise SystemExit(f"duo-fast train: {e}") from e
+        _fail(str(e))
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DISTILL_PRESETS, DistillConfig, distill
 
+    _launcher_rank(args)
     cfg = config_from_args(args, DistillConfig, DISTILL_PRESETS)
+    _check_device(cfg.device)
     try:
         distill(cfg)
     except (ValueError, FileNotFoundError) as e:       # bad input found before distilling: a clear message
-        raise SystemExit(f"duo-fast distill: {e}") from e
+        _fail(str(e))
     return 0
 
 
@@ -199,14 +322,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from .data import get_tokenizer
     from .evaluate import check_tokenizer_vocab
     from .pretrained import CheckpointError, describe, load_pretrained
-    from .train import resolve_device
 
-    device = resolve_device(args.device)
+    device = _check_device(args.device)
     try:
-        model, info = load_pretrained(args.checkpoint, ema=not args.no_ema, device=device,
+        model, info = load_pretrained(args.checkpoint, ema=args.ema, device=device,
                                       trust_checkpoint=args.trust_checkpoint)
     except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"duo-fast: cannot load checkpoint: {e}") from e
+        _fail(f"--checkpoint: cannot load it: {e}")
     print(f"loaded {describe(info)}")
     meta = info.extra
     name = args.tokenizer or meta.get("tokenizer") or {50257: "gpt2", 50258: "gpt2", 30522: "bert-base-uncased"}.get(
@@ -219,17 +341,28 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         try:
             check_tokenizer_vocab(tokenizer, info.vocab_size)
         except ValueError as e:
-            raise SystemExit(f"duo-fast: {e}") from e
+            _fail(str(e))
     if name:
-        try:
-            tokenizer = get_tokenizer(name, meta.get("tokenizer_vocab", 4096))
-        except Exception as e:  # noqa: BLE001 - offline hub names, bad folders
-            raise SystemExit(f"duo-fast: cannot load tokenizer {name!r}: {e}") from e
+        tokenizer = _tokenizer(name, meta.get("tokenizer_vocab", 4096))
         try:
             check_tokenizer_vocab(tokenizer, info.vocab_size)
         except ValueError as e:
-            raise SystemExit(f"duo-fast: {e}") from e
+            _fail(f"--tokenizer: {e}")
+    length = getattr(args, "length", None) or getattr(args, "eval_length", None)
+    if length and length > model.config.model_length:
+        print(f"duo-fast: warning: length {length} is beyond the model's trained length {model.config.model_length}; "
+              f"expect worse samples and perplexities", file=sys.stderr)
     return model, info, tokenizer, device
+
+
+def _tokenizer(name: str, vocab: int) -> Any:
+    """A tokenizer by name, with one line when a hub name cannot be reached."""
+    from .data import get_tokenizer
+
+    try:
+        return get_tokenizer(name, vocab)
+    except ValueError as e:             # offline hub names, bad folders: one line naming the tokenizer
+        _fail(f"--tokenizer: {e}")
 
 
 def _kappa(text: str | None) -> tuple[float, float] | None:
@@ -237,11 +370,35 @@ def _kappa(text: str | None) -> tuple[float, float] | None:
         return None
     try:
         vals = [float(v) for v in text.split(",")]
-    except ValueError as e:
-        raise SystemExit(f"duo-fast: --psi-kappa takes KAPPA or START,END, got {text!r}") from e
-    if len(vals) not in (1, 2):
-        raise SystemExit(f"duo-fast: --psi-kappa takes KAPPA or START,END, got {text!r}")
+    except ValueError:
+        _fail(f"--psi-kappa takes KAPPA or START,END, got {text!r}")
+    if len(vals) not in (1, 2) or not all(0.0 <= v <= 1.0 for v in vals):
+        _fail(f"--psi-kappa takes KAPPA or START,END with values in [0, 1], got {text!r}")
     return (vals[0], vals[-1])
+
+
+def _check_sample_flags(args: argparse.Namespace) -> None:
+    """Every sampling flag, before the model is loaded."""
+    for flag, v in (("--steps", args.steps), ("--batch", args.batch), ("--num-samples", args.num_samples),
+                    ("--length", args.length)):
+        if v is not None and v < 1:
+            _fail(f"{flag} must be >= 1, got {v}")
+    if not 0 < args.top_p <= 1:
+        _fail(f"--top-p must be in (0, 1], got {args.top_p}")
+    _kappa(args.psi_kappa)
+    out = getattr(args, "out", None)
+    if out and Path(out).is_dir():
+        _fail(f"--out {out} is a folder; give a file name for the JSONL")
+
+
+def _check_json_target(path: str | None) -> None:
+    if path and not Path(path).resolve().parent.is_dir():
+        _fail(f"--json {path}: the folder {Path(path).resolve().parent} does not exist")
+
+
+def _progress(flag: bool) -> bool:
+    """Progress bars only on a terminal (tqdm writes to stderr)."""
+    return flag and sys.stderr.isatty()
 
 
 def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: Any) -> tuple[list[dict], dict]:
@@ -256,8 +413,8 @@ def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: A
         b = min(args.batch, total - i * args.batch)
         scfg = SamplerConfig(steps=args.steps, batch=b, length=args.length, noise_removal=args.noise_removal,
                              schedule=args.schedule, top_p=args.top_p, kappa=_kappa(args.psi_kappa),
-                             seed=args.seed + i, fused=not args.unfused, cuda_graph=not args.no_cuda_graph)
-        ids, stats = generate(model, scfg, device=device, progress=not args.no_progress)
+                             seed=args.seed + i, fused=args.fused, cuda_graph=args.cuda_graph)
+        ids, stats = generate(model, scfg, device=device, progress=_progress(args.progress))
         seconds += stats["wall_seconds"]
         capture += stats["graph_capture_seconds"]
         nfe += stats["nfe"]
@@ -281,6 +438,7 @@ def _print_throughput(st: dict) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    _check_sample_flags(args)
     model, info, tokenizer, device = _load(args)
     rows, st = _sample_rows(args, model, tokenizer, device)
     print(f"duo-fast sample: {st['samples']} samples of length {st['length']}, {args.steps} steps + "
@@ -301,34 +459,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import eval_blocks, evaluate_nelbo, generative_perplexity, unigram_entropy
 
     if not args.dataset and not args.gen_ppl_model:
-        raise SystemExit("duo-fast eval: give --dataset, --gen-ppl-model, or both")
+        _fail("give --dataset, --gen-ppl-model, or both")
+    _check_sample_flags(args)
+    for flag, v, low in (("--eval-batch", args.eval_batch, 1), ("--eval-length", args.eval_length, 2),
+                         ("--max-batches", args.max_batches, 1)):
+        if v is not None and v < low:
+            _fail(f"{flag} must be >= {low}, got {v}")
+    if args.samples and not Path(args.samples).is_file():
+        _fail(f"--samples {args.samples}: no such file")
+    _check_json_target(args.json)
     model, info, tokenizer, device = _load(args)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "weights": info.weights}
     if args.dataset:
         if tokenizer is None:
-            raise SystemExit("duo-fast eval: --dataset needs a tokenizer (--tokenizer)")
+            _fail("--dataset needs a tokenizer: pass --tokenizer")
         length = args.eval_length or model.config.model_length
         try:
             blocks = eval_blocks(args.dataset, tokenizer, length)
         except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"duo-fast eval: {e}") from e
+            _fail(f"--dataset {args.dataset}: {e}")
         r = evaluate_nelbo(model, blocks, batch_size=args.eval_batch, seed=args.seed, device=device,
-                           max_batches=args.max_batches, progress=not args.no_progress)
+                           max_batches=args.max_batches, progress=_progress(args.progress))
         result.update(dataset=args.dataset, length=length, **r)
         print(f"{args.dataset}: NELBO {r['nelbo']:.4f} nats/token, perplexity <= {r['ppl']:.2f} "
               f"({r['tokens']:,} tokens, {r['batches']} batches of {args.eval_batch})")
     if args.gen_ppl_model:
         if args.samples:
-            rows = [json.loads(x) for x in Path(args.samples).read_text().splitlines() if x.strip()]
+            try:
+                rows = [json.loads(x) for x in Path(args.samples).read_text().splitlines() if x.strip()]
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                _fail(f"--samples {args.samples}: not a JSONL file of samples ({type(e).__name__})")
         else:
             if tokenizer is None:
-                raise SystemExit("duo-fast eval: decoding samples needs a tokenizer (--tokenizer)")
+                _fail("decoding samples needs a tokenizer: pass --tokenizer")
             rows, st = _sample_rows(args, model, tokenizer, device)
             _print_throughput(st)
-        texts = [r["text"] for r in rows]
-        if any(t is None for t in texts):
-            raise SystemExit("duo-fast eval: the samples have no text to score")
-        g = generative_perplexity(texts, args.gen_ppl_model, device=device)
+        texts = [r.get("text") if isinstance(r, dict) else None for r in rows]
+        if not texts or any(not isinstance(t, str) for t in texts):
+            _fail("the samples have no text to score")
+        try:
+            g = generative_perplexity(texts, args.gen_ppl_model, device=device)
+        except OSError as e:
+            local = Path(args.gen_ppl_model).exists()
+            _fail(f"--gen-ppl-model {args.gen_ppl_model}: cannot be loaded ({type(e).__name__})" +
+                  ("" if local else "; offline, the hub cannot be reached: pass a local model folder"))
         ent = unigram_entropy([r["token_ids"] for r in rows])
         result.update(gen_ppl_model=args.gen_ppl_model, num_samples=len(rows), unigram_entropy=ent, **g)
         print(f"generative perplexity under {args.gen_ppl_model}: {g['gen_ppl']:.2f} ({g['tokens']:,} tokens, "
@@ -342,13 +516,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench.suite import GROUPS, print_suite, run_suite
-    from .train import resolve_device
-
-    device = resolve_device(args.device)
+    for flag, v in (("--repeats", args.repeats), ("--batch", args.batch), ("--length", args.length)):
+        if v is not None and v < 1:
+            _fail(f"{flag} must be >= 1, got {v}")
+    _check_json_target(args.json)
+    device = _check_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     groups = list(GROUPS) if args.what == "all" else [args.what]
     res = run_suite(groups, args.preset, device, dtype, args.batch, args.length, args.repeats,
-                    progress=not args.no_progress)
+                    progress=_progress(args.progress))
     print_suite(res)
     if args.json:
         with open(args.json, "w") as f:
@@ -361,8 +537,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return {"train": _cmd_train, "distill": _cmd_distill, "sample": _cmd_sample, "eval": _cmd_eval, "bench": _cmd_bench}[args.command](args)
+    """The ``duo-fast`` entry point. A bad input prints one line to stderr and raises
+    :class:`CliError` (exit code 2)."""
+    command = "duo-fast"
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"duo-fast {args.command}"
+        if args.launcher_local_rank is not None:
+            os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
+        commands = {"train": _cmd_train, "distill": _cmd_distill, "sample": _cmd_sample, "eval": _cmd_eval,
+                    "bench": _cmd_bench}
+        return commands[args.command](args)
+    except CliError as e:
+        line = e.message if e.message.startswith("duo-fast") else f"{command}: {e.message}"
+        print(line.splitlines()[0] if line else command, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

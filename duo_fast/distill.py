@@ -40,8 +40,9 @@ from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, pla
 from .evaluate import check_tokenizer_vocab
 from .model import DiT
 from .ops import coupled_latents
-from .resume import (StopFlag, generator_states, latest_checkpoint, read_checkpoint, set_generator_states,
-                     write_checkpoint)
+from . import runfolder
+from .resume import (StopFlag, generator_states, latest_checkpoint, load_newest, read_checkpoint,
+                     set_generator_states, write_checkpoint)
 from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .options import option
 from .ttable import TTable
@@ -65,18 +66,25 @@ class DistillConfig:
     grad_clip: float = option(1.0, "gradient-norm clipping (0 disables)")
     ema: float = option(0.999, "EMA decay of the exported weights (0 disables)")
     update_every: int = option(10_000, "optimizer steps per round: the teacher is refreshed at each round boundary")
-    teacher_from: str = option("student", "what the teacher is refreshed from: student or ema")
+    teacher_from: str = option("student", "what the teacher is refreshed from", choices=("student", "ema"))
     t_grid: int = option(512, "dt = 2^round / t_grid")
-    dt_growth: str = option("double", "double (dt doubles per round) or linear (dt = (round + 1) / t_grid)")
+    dt_growth: str = option("double", "double (dt doubles per round) or linear (dt = (round + 1) / t_grid)",
+                            choices=("double", "linear"))
     gamma_min: float = option(-4.0, "gamma at t = 0")
     gamma_max: float = option(-1.0, "gamma at t = 1")
-    loss: str = option("kl-bwd", "kl-bwd: KL(student || teacher); kl-fwd: KL(teacher || student)")
+    loss: str = option("kl-bwd", "kl-bwd: KL(student || teacher); kl-fwd: KL(teacher || student)",
+                       choices=("kl-bwd", "kl-fwd"))
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    zero_stage: int = option(0, "0: plain PyTorch in one process; 1, 2, 3: DeepSpeed ZeRO stage (torchrun/deepspeed)")
+    zero_stage: int = option(0, "0: plain PyTorch in one process; 1, 2, 3: DeepSpeed ZeRO stage (torchrun/deepspeed)",
+                             choices=(0, 1, 2, 3))
     micro_batch_size: int = option(0, "sequences per rank per forward/backward (0: batch_size / world size)")
     save_every: int = option(0, "steps between resumable checkpoints in OUT/checkpoints (0: at the end and on signals)")
-    resume: bool = option(True, "continue from the newest complete checkpoint in OUT/checkpoints, if any")
+    resume: bool = option(True, "continue the run in OUT from its newest complete checkpoint (a different "
+                                "configuration is refused); off: a non-empty OUT is refused")
+    overwrite: bool = option(False, "use OUT even if it holds another run: the old folder is moved aside to "
+                                    "OUT.old-TIME, never deleted")
+    keep_checkpoints: int = option(2, "complete checkpoints kept in OUT/checkpoints (the newest N)")
     log_every: int = option(1, "steps between lines of the JSONL log")
     out: str = option("runs/distill", "output folder: log.jsonl, export/, summary.json")
     progress: bool = option(True, "show a progress bar")
@@ -94,6 +102,8 @@ class DistillConfig:
             raise ValueError("batch_size, steps, update_every and t_grid must be >= 1")
         if not self.gamma_min < self.gamma_max:
             raise ValueError("gamma_min must be below gamma_max")
+        if self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError(f"keep_checkpoints and log_every must be >= 1, got {self.keep_checkpoints}, {self.log_every}")
         if self.zero_stage not in (0, 1, 2, 3) or self.micro_batch_size < 0 or self.save_every < 0:
             raise ValueError("zero_stage must be 0-3; micro_batch_size and save_every >= 0")
 
@@ -138,8 +148,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .pretrained import load_pretrained
-    from .train import resolve_device
+    from .devices import resolve_device
 
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    config = dataclasses.asdict(cfg)
+    folder = runfolder.plan(out, config, cfg.resume, cfg.overwrite, latest_checkpoint(ckpt_root) is not None,
+                            command="distill")
     device, rank, world, micro, accum = placement(resolve_device(cfg.device), cfg.batch_size, cfg.micro_batch_size,
                                                   cfg.zero_stage)
     torch.manual_seed(cfg.seed)
@@ -177,28 +192,41 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         ema = [p.detach().float().clone() for p in student.parameters()] if cfg.ema > 0 else None
     table = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
     gens = {"gen": torch.Generator(device=device).manual_seed(cfg.seed + 1)}    # reseeded per micro-batch
-    out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        runfolder.apply(folder, config, command="distill")
+        if folder.moved_to is not None:
+            print(f"duo-fast distill: the previous contents of {out} were moved to {folder.moved_to}")
     barrier()
-    ckpt_root = out / "checkpoints"
     start, losses = 0, []
-    resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if resumed is not None:
-        shared, mine = read_checkpoint(resumed, engine, rank)
+    resumed = None
+
+    def restore(path: Path) -> dict[str, Any]:
+        shared, mine = read_checkpoint(path, engine, rank)
         if shared["world"] != world:
-            raise ValueError(f"checkpoint {resumed} was written by {shared['world']} processes, this run has {world}")
+            raise ValueError(f"checkpoint {path} was written by {shared['world']} processes, this run has {world}")
         teacher.load_state_dict(shared["teacher"])
-        ema = None if shared["ema"] is None else [e.to(device) for e in shared["ema"]]
         set_generator_states(gens, mine["rng"], device)
         feeder.load_state_dict(mine["order"])
+        return shared
+
+    if folder.action == "resume":
+        loaded = load_newest(ckpt_root, restore, rank)
+        if loaded is None:
+            raise ValueError(f"--out {out}: no complete checkpoint could be read")
+        resumed, shared = loaded
+        ema = None if shared["ema"] is None else [e.to(device) for e in shared["ema"]]
         start, losses = shared["step"] + 1, shared["losses"]
+        if rank == 0:
+            runfolder.truncate_log(out / "log.jsonl", shared["step"], {
+                "event": "resume", "from_checkpoint": resumed.name, "next_step": start,
+                "changes": {k: {"old": a, "new": b} for k, (a, b) in folder.changes.items()}})
 
     def checkpoint(step: int) -> Path:
         shared = {"step": step, "teacher": teacher.state_dict(), "ema": ema, "losses": losses, "world": world,
-                  "config": dataclasses.asdict(cfg)}
+                  "config": config}
         return write_checkpoint(ckpt_root, step, engine, rank, shared,
-                                {"rng": generator_states(gens, device), "order": feeder.state_dict()})
+                                {"rng": generator_states(gens, device), "order": feeder.state_dict()},
+                                keep=cfg.keep_checkpoints)
 
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     if rank == 0:
@@ -208,7 +236,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
               f"{cfg.loss}, device={device}" + (f"; resumed at step {start}" if resumed is not None else ""))
     stop = StopFlag()
     t_start = time.perf_counter()
-    show_bar = cfg.progress and rank == 0 and sys.stdout.isatty()
+    show_bar = cfg.progress and rank == 0 and sys.stderr.isatty()
     bar = tqdm(range(start, cfg.steps), disable=not show_bar, desc="distill", dynamic_ncols=True, initial=start,
                total=cfg.steps)
     meter = IntervalMeter(device)
@@ -297,7 +325,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                "rounds": dcd_gap(cfg.steps - 1, cfg)[0] + 1, "world_size": world, "zero_stage": cfg.zero_stage,
                "tokens_per_s": (cfg.steps - start) * cfg.batch_size * L / max(seconds, 1e-9), "export": str(export),
                "config": dataclasses.asdict(cfg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["status"] = "finished"
+    runfolder.write_json_atomic(out / "summary.json", summary)
     print(f"distillation loss ({cfg.loss}): start {summary['loss_first']:.4f} -> end {summary['loss_last']:.4f} "
           f"over {summary['rounds']} rounds; {summary['tokens_per_s']:,.0f} tokens/s")
     print(f"exported {'EMA' if ema is not None else 'raw'} weights to {export}")

@@ -83,15 +83,20 @@ EVAL_DATASETS: dict[str, tuple[str, str | None, str, str, str | None]] = {
 def eval_documents(name: str) -> list[str]:
     """Detokenised documents of an evaluation set, or of a local file ``text:PATH``."""
     if name.startswith("text:") or name == "bundled":
-        return load_text_documents(name, "validation" if name == "bundled" else "train")
+        return load_text_documents(name, "validation" if name == "bundled" else "all")
     if name not in EVAL_DATASETS:
         raise ValueError(f"unknown evaluation dataset {name!r}; choose {', '.join(EVAL_DATASETS)} or text:PATH")
     if name == "openwebtext-valid":
         return load_text_documents("openwebtext", "validation")
     import datasets
 
+    from .data import hub_error
+
     path, config, split, field, detok = EVAL_DATASETS[name]
-    ds = datasets.load_dataset(path, config, split=split)
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise hub_error(name, e) from e
     docs = [t for t in ds[field] if t and t.strip()]
     return [DETOKENIZERS[detok](d) for d in docs] if detok else docs
 

@@ -8,6 +8,7 @@ from typing import Any
 __all__ = ["option"]
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the ``--help`` text of its flag."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with a default, the ``--help`` text of its flag and, optionally, the
+    values it may take (listed in ``--help`` and checked by the command line)."""
+    return field(default=default, metadata={"help": help, "choices": choices})

@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from . import reference as ref
 from .checkpoint import save_hf_folder
-from .bench.common import device_peaks
+from .devices import device_peaks, resolve_device
 from .data import get_tokenizer
 from .data.blocks import BlockOrder, cached_blocks
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
-from .resume import (StopFlag, gather_ints, generator_states, latest_checkpoint, mean_over_ranks, read_checkpoint,
-                     set_generator_states, write_checkpoint)
+from . import runfolder
+from .resume import (StopFlag, gather_ints, generator_states, latest_checkpoint, load_newest, mean_over_ranks,
+                     read_checkpoint, set_generator_states, write_checkpoint)
 from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
@@ -54,7 +55,7 @@ __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "
 class TrainConfig:
     """Every option of ``duo-fast train``; the defaults are the public recipe's where it has one."""
 
-    model: str = option("small", "denoiser preset: tiny, small or medium (duo-math.md section 7)")
+    model: str = option("small", "denoiser preset (duo-math.md section 7)", choices=("tiny", "small", "medium"))
     dataset: str = option("bundled", "bundled, openwebtext, wikitext103, wikitext2, lm1b, or text:PATH (.txt/.jsonl)")
     tokenizer: str = option("bundled", "'bundled' (BPE trained on the bundled corpus), a local folder or a hub name")
     tokenizer_vocab: int = option(4096, "vocabulary size of the bundled BPE tokenizer")
@@ -74,19 +75,23 @@ class TrainConfig:
     tau_log10_start: float = option(-3.0, "log10 of the softmax temperature tau at the curriculum start")
     tau_log10_end: float = option(-3.0, "log10 of tau at curriculum_end (linear in between)")
     relax_mode: str = option("sparse", "curriculum relaxation: sparse (exact to 1e-6 of weight per token), dense (exact) "
-                                   "or topk (Duo++, k rows per token)")
+                                   "or topk (Duo++, k rows per token)", choices=("sparse", "dense", "topk"))
     relax_k: int = option(2, "rows per token of relax_mode=topk")
     gamma_min: float = option(-3.55, "curriculum gamma at t = 0 (least noise)")
     gamma_max: float = option(-1.85, "curriculum gamma at t = 1 (most noise)")
     seed: int = option(0, "random seed (data order, noise, initialisation)")
     device: str = option("auto", "auto (cuda when available), cpu or cuda[:N]")
     zero_stage: int = option(0, "0: plain PyTorch in one process; 1, 2, 3: DeepSpeed ZeRO stage (any number of "
-                                "processes, launched by torchrun or deepspeed)")
+                                "processes, launched by torchrun or deepspeed)", choices=(0, 1, 2, 3))
     micro_batch_size: int = option(0, "sequences per rank per forward/backward (0: batch_size / world size); "
                                       "batch_size must be a multiple of micro_batch_size x world size")
     save_every: int = option(0, "steps between resumable checkpoints in OUT/checkpoints (0: only at the end and "
                                 "on SIGTERM/SIGINT)")
-    resume: bool = option(True, "continue from the newest complete checkpoint in OUT/checkpoints, if any")
+    resume: bool = option(True, "continue the run in OUT from its newest complete checkpoint (a different "
+                                "configuration is refused); off: a non-empty OUT is refused")
+    overwrite: bool = option(False, "use OUT even if it holds another run: the old folder is moved aside to "
+                                    "OUT.old-TIME, never deleted")
+    keep_checkpoints: int = option(2, "complete checkpoints kept in OUT/checkpoints (the newest N)")
     tensorboard: bool = option(False, "also log to TensorBoard (OUT/tb) when tensorboard is installed")
     fused_loss: bool = option(True, "loss fused with the output projection (rb_loss_linear: no B x L x K logits); "
                                 "false: logits, then rb_loss")
@@ -95,12 +100,22 @@ class TrainConfig:
     log_every: int = option(25, "steps between log lines in the JSONL log (the only steps that read from the device)")
     compile: bool = option(False, "torch.compile the denoiser's blocks")
     val_batches: int = option(4, "validation batches for the NELBO before and after training")
+    val_fraction: float = option(0.05, "share of the documents of a local text:PATH data set held out for "
+                                       "validation (a fixed, seeded choice; never trained on)")
     out: str = option("runs/duo", "output folder: log.jsonl, export/ (HF layout) and summary.json")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.length < 2 or self.batch_size < 1 or self.steps < 1:
-            raise ValueError("length >= 2, batch_size >= 1 and steps >= 1 are required")
+            raise ValueError(f"--length must be >= 2, --batch-size and --steps >= 1; got {self.length}, "
+                             f"{self.batch_size}, {self.steps}")
+        if self.val_batches < 1:
+            raise ValueError(f"--val-batches must be >= 1, got {self.val_batches}")
+        if self.tokenizer == "bundled" and self.tokenizer_vocab < 300:
+            raise ValueError(f"--tokenizer-vocab must be >= 300 (256 bytes, 4 special tokens and merges), "
+                             f"got {self.tokenizer_vocab}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"gamma_min ({self.gamma_min}) must be below gamma_max ({self.gamma_max})")
         if self.curriculum_end and self.curriculum_end < self.curriculum_start:
@@ -111,9 +126,11 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0 (no DeepSpeed), 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 0 or self.save_every < 0:
             raise ValueError("micro_batch_size and save_every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.log_every < 1 or self.check_every < 0 or (self.check_every and self.check_every % self.log_every):
-            raise ValueError(f"log_every must be >= 1 and check_every a multiple of it (or 0), got {self.log_every}, "
-                             f"{self.check_every}")
+            raise ValueError(f"--log-every must be >= 1 and --check-every a multiple of it (or 0), got "
+                             f"{self.log_every}, {self.check_every}")
         if self.relax_mode not in ("sparse", "dense", "topk") or self.relax_k < 1:
             raise ValueError(f"relax_mode must be sparse, dense or topk and relax_k >= 1, got {self.relax_mode!r}, "
                              f"{self.relax_k}")
@@ -139,15 +156,6 @@ def tau_at(cfg: TrainConfig, step: int) -> float:
         return 10.0 ** cfg.tau_log10_start
     frac = min(1.0, (step - cfg.curriculum_start) / (cfg.curriculum_end - cfg.curriculum_start))
     return 10.0 ** (cfg.tau_log10_start + frac * (cfg.tau_log10_end - cfg.tau_log10_start))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
-    return dev
 
 
 class DuoObjective(nn.Module):
@@ -200,13 +208,15 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_vocab)
         K = len(self.tokenizer)
         tok_key = f"{cfg.tokenizer}-{cfg.tokenizer_vocab}" if cfg.tokenizer == "bundled" else cfg.tokenizer
+        vf = cfg.val_fraction
         if self.rank == 0:                               # rank 0 tokenises and caches; the others map the cache
-            cached_blocks(cfg.dataset, "train", self.tokenizer, tok_key, cfg.length)
-            cached_blocks(cfg.dataset, "validation", self.tokenizer, tok_key, cfg.length)
+            cached_blocks(cfg.dataset, "train", self.tokenizer, tok_key, cfg.length, val_fraction=vf)
+            cached_blocks(cfg.dataset, "validation", self.tokenizer, tok_key, cfg.length, val_fraction=vf)
         init_distributed(self.device)
         barrier()
-        self.train_blocks = cached_blocks(cfg.dataset, "train", self.tokenizer, tok_key, cfg.length)
-        self.val_blocks = cached_blocks(cfg.dataset, "validation", self.tokenizer, tok_key, cfg.length)
+        self.train_blocks = cached_blocks(cfg.dataset, "train", self.tokenizer, tok_key, cfg.length, val_fraction=vf)
+        self.val_blocks = cached_blocks(cfg.dataset, "validation", self.tokenizer, tok_key, cfg.length,
+                                        val_fraction=vf)
         if self.train_blocks.shape[0] < cfg.batch_size:
             raise ValueError(f"only {self.train_blocks.shape[0]} training blocks for a batch of {cfg.batch_size}")
         self.order = BlockOrder(self.train_blocks.shape[0], micro, seed=cfg.seed + 2, rank=self.rank, world=self.world)
@@ -355,11 +365,14 @@ class Trainer:
         shared = {"step": step, "ema": self.ema, "metrics": metrics, "world": self.world,
                   "vocab_size": self.vocab_size, "config": dataclasses.asdict(self.cfg)}
         mine = {"rng": generator_states(self._gens(), self.device), "order": self.feeder.state_dict()}
-        return write_checkpoint(root, step, self.engine, self.rank, shared, mine)
+        return write_checkpoint(root, step, self.engine, self.rank, shared, mine, keep=self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Restore everything ``save_checkpoint`` wrote; returns the shared state (step, metrics)."""
-        shared = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        """Restore everything ``save_checkpoint`` wrote; returns the shared state (step, metrics).
+        Nothing in ``path`` can run code (``duo_fast.resume``)."""
+        from .resume import _load_plain
+
+        shared = _load_plain(path / "state.pt")
         if shared["world"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {shared['world']} processes, this run has {self.world}")
         if shared["vocab_size"] != self.vocab_size:
@@ -390,19 +403,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    config = dataclasses.asdict(cfg)
+    # what may be done with --out is decided before any heavy work, and nothing is written yet
+    folder = runfolder.plan(out, config, cfg.resume, cfg.overwrite, latest_checkpoint(ckpt_root) is not None)
     tr = Trainer(cfg)
     rank0 = tr.rank == 0
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
+        runfolder.apply(folder, config)
+        if folder.moved_to is not None:
+            print(f"duo-fast train: the previous contents of {out} were moved to {folder.moved_to}")
     barrier()
     K, L, B = tr.vocab_size, cfg.length, cfg.batch_size
-    ckpt_root = out / "checkpoints"
     start, metrics = 0, {"losses": {"curriculum": [], "discrete": []}, "tokens": {"curriculum": 0, "discrete": 0},
                          "seconds": {"curriculum": 0.0, "discrete": 0.0}, "val_start": None, "val_curriculum": None}
-    resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if resumed is not None:
-        state = tr.load_checkpoint(resumed)
+    resumed = None
+    if folder.action == "resume":
+        loaded = load_newest(ckpt_root, tr.load_checkpoint, tr.rank)
+        if loaded is None:
+            raise ValueError(f"--out {out}: no complete checkpoint could be read")
+        resumed, state = loaded
         start, metrics = state["step"] + 1, state["metrics"]
+        if rank0:
+            dropped = runfolder.truncate_log(out / "log.jsonl", state["step"], {
+                "event": "resume", "from_checkpoint": resumed.name, "next_step": start,
+                "changes": {k: {"old": a, "new": b} for k, (a, b) in folder.changes.items()}})
+            if folder.changes:
+                print("duo-fast train: changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                                       for k, (a, b) in folder.changes.items()))
+            if dropped:
+                print(f"duo-fast train: {dropped} log lines after step {state['step']} were dropped (those steps run again)")
     if rank0:
         engine = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
         print(f"duo-fast train: {cfg.model} model ({tr.model.config.num_parameters() / 1e6:.1f}M params), K={K}, "
@@ -424,7 +454,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         except ImportError:
             print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
     stop = StopFlag()
-    show_bar = cfg.progress and rank0 and sys.stdout.isatty()
+    show_bar = cfg.progress and rank0 and sys.stderr.isatty()
     bar = tqdm(range(start, cfg.steps), disable=not show_bar, desc="train", dynamic_ncols=True, initial=start,
                total=cfg.steps)
     meter = IntervalMeter(tr.device)
@@ -507,9 +537,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "val_nelbo_after_curriculum": metrics["val_curriculum"], "val_nelbo_end": val_end,
         "val_ppl_bound_end": math.exp(min(val_end, 50.0)), "tokens_per_s": tokens_per_s,
         "mfu": {k: v * flops_tok / peak for k, v in tokens_per_s.items()} if peak else None,
-        "world_size": tr.world, "zero_stage": cfg.zero_stage, "export": str(export), "config": dataclasses.asdict(cfg),
+        "world_size": tr.world, "zero_stage": cfg.zero_stage, "export": str(export), "config": config,
+        "status": "finished", "steps_done": cfg.steps,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    runfolder.write_json_atomic(out / "summary.json", summary)
     for k, v in phases.items():
         print(f"train loss, {k} phase ({v['steps']} steps; mean of {v['window']}, noisy: one t per sequence): "
               f"start {v['loss_first']:.4f} -> end {v['loss_last']:.4f}")

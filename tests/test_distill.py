@@ -17,7 +17,7 @@ def _teacher_checkpoint(tmp_path) -> str:
     out = tmp_path / "trained"
     assert main(["train", "--model", "tiny", "--tokenizer", "bundled", "--tokenizer-vocab", "512", "--length", "32",
                  "--batch-size", "4", "--steps", "4", "--curriculum-end", "2", "--ema", "0", "--val-batches", "1",
-                 "--progress", "false", "--out", str(out)]) == 0
+                 "--no-progress", "--out", str(out)]) == 0
     return str(out / "export")
 
 
@@ -42,7 +42,7 @@ def test_distill_rounds_then_sample(tmp_path):
     out = tmp_path / "dcd"
     assert main(["distill", "--checkpoint", ckpt, "--dataset", "bundled", "--batch-size", "4", "--steps", "20",
                  "--update-every", "5", "--t-grid", "8", "--warmup-steps", "2", "--lr", "1e-4", "--ema", "0.9",
-                 "--out", str(out), "--progress", "false"]) == 0
+                 "--out", str(out), "--no-progress"]) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(20))
     refreshed = [r["step"] for r in log if r["teacher_refreshed"]]
@@ -75,7 +75,7 @@ def test_distill_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
 
     ckpt = _teacher_checkpoint(tmp_path)
     args = ["--checkpoint", ckpt, "--dataset", "bundled", "--batch-size", "4", "--steps", "12", "--update-every", "4",
-            "--t-grid", "8", "--ema", "0.9", "--teacher-from", "ema", "--progress", "false"]
+            "--t-grid", "8", "--ema", "0.9", "--teacher-from", "ema", "--no-progress"]
     assert main(["distill", *args, "--out", str(tmp_path / "full")]) == 0
     monkeypatch.setenv("DUO_FAST_TEST_SIGNAL_AT_STEP", "5")
     with pytest.raises(SystemExit) as stopped:
@@ -86,8 +86,9 @@ def test_distill_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
     a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "export" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(12))
+    records = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == list(range(12))          # each step once
+    assert [r["next_step"] for r in records if r.get("event") == "resume"] == [6]
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(tmp_path):
@@ -99,5 +100,5 @@ def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(tmp_path):
     other = _cache_root() / "tokenizers" / "jargon-bpe-256"
     with pytest.raises(SystemExit, match="do not belong together"):
         main(["distill", "--checkpoint", ckpt, "--tokenizer", str(other), "--dataset", "bundled", "--steps", "2",
-              "--batch-size", "2", "--progress", "false", "--out", str(tmp_path / "x")])
+              "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x" / "log.jsonl").exists()

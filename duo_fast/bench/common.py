@@ -13,15 +13,7 @@ import torch
 
 
 # (name substring, dense bf16 tensor FLOP/s, memory bytes/s): vendor figures for the SXM parts.
-DEVICE_PEAKS = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12)]
-
-
-def device_peaks(device: torch.device) -> tuple[float, float] | None:
-    """(bf16 tensor FLOP/s, bytes/s) of a known GPU, else None (CPUs, unknown GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next(((f, bw) for key, f, bw in DEVICE_PEAKS if key in name), None)
+from ..devices import DEVICE_PEAKS, device_peaks  # noqa: E402,F401 - re-exported for the bench
 
 
 def sync(device: torch.device) -> None:

@@ -83,7 +83,14 @@ def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
             return load_local_tokenizer(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return train_bpe_tokenizer(bundled_documents(), vocab_size, path)
-    return load_local_tokenizer(name_or_path)
+    try:
+        return load_local_tokenizer(name_or_path)
+    except (OSError, ValueError) as e:
+        if Path(name_or_path).exists():
+            raise ValueError(f"tokenizer folder {name_or_path} cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from e
+        raise ValueError(f"tokenizer {name_or_path!r} could not be loaded from the Hugging Face hub "
+                         f"({type(e).__name__}); offline, pass a local tokenizer folder") from e
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:
@@ -130,10 +137,53 @@ _HUB = {
 }
 
 
-def load_text_documents(source: str, split: str = "train", text_field: str = "text") -> list[str]:
+def _check_local_file(path: str, kind: str, text_field: str) -> None:
+    """One clear error naming the file (and line) for what ``datasets`` reports obscurely:
+    an empty file, bytes that are not UTF-8, a JSON line that does not parse or has no text."""
+    import json as _json
+
+    raw = Path(path).read_bytes()
+    if path.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"dataset file {path} is not UTF-8 text (line {line}, byte {e.start})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"dataset file {path} is empty")
+    if kind == "json":
+        for i, ln in enumerate(text.splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                rec = _json.loads(ln)
+            except _json.JSONDecodeError as e:
+                raise ValueError(f"dataset file {path}, line {i}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                raise ValueError(f"dataset file {path}, line {i}: no string field {text_field!r}")
+
+
+def held_out_split(documents: list[str], split: str, fraction: float, source: str) -> list[str]:
+    """A fixed, seeded choice of ``ceil(fraction * N)`` documents for validation (at least one);
+    the rest for training. Never the same document in both."""
+    n = len(documents)
+    if n < 2:
+        raise ValueError(f"{source} has {n} document(s); a held-out validation split needs at least 2")
+    n_val = min(n - 1, max(1, int(np.ceil(fraction * n))))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    chosen = sorted(order[:n_val]) if split != "train" else sorted(order[n_val:])
+    return [documents[i] for i in chosen]
+
+
+def load_text_documents(source: str, split: str = "train", text_field: str = "text",
+                        val_fraction: float = 0.05) -> list[str]:
     """Documents from ``bundled``, a hub corpus (``openwebtext``, ``wikitext103``, ``wikitext2``,
     ``lm1b``), or a local file ``text:PATH`` / ``PATH`` ending in ``.txt``, ``.txt.gz`` (one
     document per line) or ``.jsonl``/``.json`` (field ``text_field``), through ``datasets``.
+    A local file has no splits: ``val_fraction`` of its documents (a fixed choice) are the
+    validation split and never appear in the training split; ``split="all"`` gives every one.
 
     OpenWebText has no validation split: its last 100,000 documents are used (section 8)."""
     if source == "bundled":
@@ -144,17 +194,32 @@ def load_text_documents(source: str, split: str = "train", text_field: str = "te
 
     path = source[5:] if source.startswith("text:") else source
     if source.startswith("text:") or os.path.sep in source or Path(path).suffix in (".txt", ".gz", ".jsonl", ".json"):
-        if not Path(path).exists():
+        if not Path(path).is_file():
             raise FileNotFoundError(f"dataset file {path!r} does not exist")
         kind = "json" if path.endswith((".jsonl", ".json")) else "text"
+        _check_local_file(path, kind, text_field)
         ds = datasets.load_dataset(kind, data_files={"data": path}, split="data")
         field = text_field if kind == "json" else "text"
         if field not in ds.column_names:
             raise ValueError(f"{path}: no field {field!r}; fields are {ds.column_names}")
-        return [t for t in ds[field] if t and t.strip()]
+        docs = [t for t in ds[field] if t and t.strip()]
+        return docs if split == "all" else held_out_split(docs, split, val_fraction, path)
     if source not in _HUB:
         raise ValueError(f"unknown dataset {source!r}: use bundled, {', '.join(_HUB)}, or text:PATH")
     name, config, field = _HUB[source]
+    try:
+        return _hub_documents(datasets, source, name, config, field, split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise hub_error(source, e) from e
+
+
+def hub_error(source: str, e: BaseException) -> ValueError:
+    """One line for a hub data set that cannot be reached (offline, or no such name)."""
+    return ValueError(f"dataset {source!r} could not be loaded from the Hugging Face hub ({type(e).__name__}); "
+                      f"offline, use a local file: --dataset text:PATH")
+
+
+def _hub_documents(datasets: Any, source: str, name: str, config: str | None, field: str, split: str) -> list[str]:
     if source == "openwebtext":
         ds = datasets.load_dataset(name, split="train")
         n = len(ds)

@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["cached_blocks", "MappedBlocks", "BlockOrder", "cache_dir"]
 
-_FORMAT = 1
+_FORMAT = 2     # 2: local files split into train and held-out validation documents
 
 
 def cache_dir() -> Path:
@@ -63,18 +63,19 @@ class MappedBlocks:
 
 
 def cached_blocks(dataset: str, split: str, tokenizer: Any, tokenizer_name: str, length: int,
-                  directory: str | Path | None = None) -> MappedBlocks:
+                  directory: str | Path | None = None, val_fraction: float = 0.05) -> MappedBlocks:
     """The (N, length) blocks of ``dataset``'s ``split``, memory-mapped from the cache; tokenised,
     wrapped with BOS/EOS and cached first if they are not there."""
     from . import blocks_from_documents, load_text_documents
 
     key = {"format": _FORMAT, "source": _source_stamp(dataset), "split": split, "tokenizer": tokenizer_name,
-           "vocab": len(tokenizer), "length": length}
+           "vocab": len(tokenizer), "length": length, "val_fraction": val_fraction}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     folder = Path(directory) if directory is not None else cache_dir()
     path = folder / f"{digest}.npy"
     if not path.exists():
-        blocks = blocks_from_documents(tokenizer, load_text_documents(dataset, split), length)
+        blocks = blocks_from_documents(tokenizer, load_text_documents(dataset, split, val_fraction=val_fraction),
+                                       length)
         dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{digest}.{os.getpid()}.tmp.npy"
