@@ -1,10 +1,12 @@
 """Install duo_fast.
 
 * The repository's ``kernels/`` folder is installed as ``duo_fast.kernels``.
-* The C++ extension ``duo_fast._C`` (``csrc/``: the T-table lookup op) is built when torch is
+* The C++ extension ``duo_fast._C`` (``csrc/``: the T-table lookup op) is prebuilt when torch is
   importable at build time (``pip install --no-build-isolation``): a CPU extension, plus the
-  CUDA kernel when torch has CUDA and nvcc is found. ``DUO_FAST_SKIP_EXT=1`` skips it (duo_fast
-  then uses the pure-PyTorch lookup and says so once); ``DUO_FAST_SKIP_CUDA=1`` builds CPU only.
+  CUDA kernel when torch has CUDA and nvcc is found. Otherwise (``pip install .``, whose isolated
+  build cannot see torch) the sources are installed as ``duo_fast.csrc`` and compiled on first
+  use (``duo_fast/_ext.py``). ``DUO_FAST_SKIP_EXT=1`` skips the prebuild; ``DUO_FAST_SKIP_CUDA=1``
+  builds CPU only.
 """
 
 import os
@@ -18,8 +20,8 @@ if os.environ.get("DUO_FAST_SKIP_EXT", "0") != "1":
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("duo_fast: torch is not importable at build time; skipping the C++ extension "
-              "(install with --no-build-isolation to build it)", file=sys.stderr)
+        print("duo_fast: torch is not importable at build time; the C++ op will be compiled on first use "
+              "(or prebuilt with pip install --no-build-isolation)", file=sys.stderr)
     else:
         sources = ["csrc/ttable_lookup_cpu.cpp"]
         cxx = ["-O3", "-std=c++17"]
@@ -38,9 +40,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.bench", "duo_fast.kernels"],
-    package_dir={"duo_fast": "duo_fast", "duo_fast.kernels": "kernels"},
-    package_data={"duo_fast.data": ["jargon.txt.gz"], "duo_fast": ["configs/*.json"]},
+    packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.bench", "duo_fast.kernels",
+              "duo_fast.csrc"],
+    package_dir={"duo_fast": "duo_fast", "duo_fast.kernels": "kernels", "duo_fast.csrc": "csrc"},
+    # the C++ sources ship too: an install that cannot prebuild the op compiles them on first use
+    package_data={"duo_fast.data": ["jargon.txt.gz"], "duo_fast": ["configs/*.json"],
+                  "duo_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -56,10 +61,13 @@ setup(
         "tqdm",
         "pyyaml",
         "deepspeed",             # ZeRO 1-3 training; pure Python install (DS_BUILD_OPS=0)
+        "ninja",                 # builds the C++ op on first use when the install could not prebuild it
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ninja", "omegaconf"],   # omegaconf: tests write public-style .ckpt files
+        "dev": ["pytest", "pytest-benchmark", "omegaconf", "ruff"],   # omegaconf: tests write public-style .ckpt files
         "flash": ["flash-attn"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["duo-fast=duo_fast.cli:main"]},
 )

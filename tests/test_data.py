@@ -40,8 +40,11 @@ def test_bundled_tokenizer_round_trip(tmp_path, monkeypatch):
 def test_local_text_and_jsonl_through_datasets(tmp_path):
     (tmp_path / "a.txt").write_text("first document\n\nsecond document\n")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two", "three"]))
-    assert load_text_documents(f"text:{tmp_path / 'a.txt'}") == ["first document", "second document"]
-    assert load_text_documents(str(tmp_path / "b.jsonl")) == ["one", "two", "three"]
+    assert load_text_documents(f"text:{tmp_path / 'a.txt'}", "all") == ["first document", "second document"]
+    assert load_text_documents(str(tmp_path / "b.jsonl"), "all") == ["one", "two", "three"]
+    # a local file's training split leaves out its held-out validation documents
+    train, val = (load_text_documents(str(tmp_path / "b.jsonl"), s, val_fraction=0.3) for s in ("train", "validation"))
+    assert len(val) == 1 and sorted(train + val) == ["one", "three", "two"]
     with pytest.raises(FileNotFoundError):
         load_text_documents(f"text:{tmp_path / 'missing.txt'}")
     with pytest.raises(ValueError, match="unknown dataset"):

@@ -118,3 +118,31 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "k.o").stat().st_size > 0
+
+
+def test_the_op_compiles_on_first_use_when_not_prebuilt(tmp_path):
+    """An install whose build could not see torch (pip install . with build isolation) has no
+    duo_fast._C: the op is compiled from the installed sources on first use, said in one line,
+    cached, and gives the prebuilt op's values; a second process loads the cache silently."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['duo_fast._C'] = None\n"
+            "import torch, duo_fast\n"
+            "from duo_fast import _ext\n"
+            "from duo_fast.ttable import lookup_backend\n"
+            "assert _ext.SOURCE == 'jit', (_ext.SOURCE, _ext.IMPORT_ERROR)\n"
+            "assert lookup_backend(torch.device('cpu')) == 'cpp'\n"
+            "t = duo_fast.TTable.build(1000)\n"
+            "print(repr(float(t.alpha(torch.tensor([-2.0], dtype=torch.float64))[0])))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DUO_FAST_CACHE"] = str(tmp_path)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "compiling the C++ T-table op" in first.stderr and any((tmp_path / "torch_extensions").rglob("*.so"))
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0 and "compiling" not in second.stderr
+    from duo_fast import TTable
+
+    want = float(TTable.build(1000).alpha(torch.tensor([-2.0], dtype=torch.float64))[0])
+    assert float(first.stdout.strip()) == float(second.stdout.strip()) == want
