@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.duo_fast-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ demo: install
 	$(DEMO_SAMPLE) --steps 8 --out runs/demo/samples-8.jsonl
 	$(DEMO_SAMPLE) --steps 64 --out runs/demo/samples-64.jsonl
 
-test: install
+test: install lint
 	$(BIN)/pytest -q tests
+
+# pyflakes, pycodestyle, import order, bugbear, pyupgrade (ruff.toml)
+lint: install
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf runs $(VENV) build *.egg-info

@@ -83,10 +83,10 @@ def run(device: torch.device, N: int, K: int, D: int, dtype: torch.dtype, repeat
     rows = []
     ref_f = ref_fb = None
     for name, f in fns.items():
-        tf = time_fn(lambda: fwd(f), device, repeats)["median_ms"]
-        tfb = time_fn(lambda: fwd_bwd(f), device, repeats)["median_ms"]
-        mf = peak_memory_mb(lambda: fwd(f), device)
-        mfb = peak_memory_mb(lambda: fwd_bwd(f), device)
+        tf = time_fn(lambda f=f: fwd(f), device, repeats)["median_ms"]
+        tfb = time_fn(lambda f=f: fwd_bwd(f), device, repeats)["median_ms"]
+        mf = peak_memory_mb(lambda f=f: fwd(f), device)
+        mfb = peak_memory_mb(lambda f=f: fwd_bwd(f), device)
         if ref_f is None:
             ref_f, ref_fb, ref_mf, ref_mfb = tf, tfb, mf, mfb
         rows.append({"case": name, "fwd_ms": tf, "fwd_bwd_ms": tfb, "speedup_fwd": ref_f / tf, "speedup_fwd_bwd": ref_fb / tfb,

@@ -60,8 +60,8 @@ def run(device: torch.device, B: int, L: int, K: int, D: int, tau: float, dtype:
         z = fwd_bwd(f)
         hits = int((z.cpu() == x0.cpu()).sum())
         checks[f"{name}: P(z_t = x) deviation in sd"] = abs(hits - expect) / sd
-        t = time_fn(lambda: fwd_bwd(f), device, repeats)["median_ms"]
-        m = peak_memory_mb(lambda: fwd_bwd(f), device)
+        t = time_fn(lambda f=f: fwd_bwd(f), device, repeats)["median_ms"]
+        m = peak_memory_mb(lambda f=f: fwd_bwd(f), device)
         base = base or (t, m)
         rows.append({"case": name, "fwd_bwd_ms": t, "speedup": base[0] / t, "peak_mb": m, "mem_ratio": m / base[1],
                      "tokens_per_s": B * L / t * 1e3})

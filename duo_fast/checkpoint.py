@@ -1,4 +1,4 @@
-"""Checkpoints in the public Hugging Face layout (duo-math.md section 7).
+"""Checkpoints in the public Hugging Face layout (docs/math.md section 7).
 
 A folder with ``config.json`` (``vocab_size``, ``model_length``, ``hidden_dim``, ``cond_dim``,
 ``n_blocks``, ``n_heads``, ``dropout``, ``time_conditioning``) and ``model.safetensors`` whose

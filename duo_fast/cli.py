@@ -12,8 +12,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser", "train_config_from_args", "CliError"]
 
@@ -165,6 +166,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="show a progress bar (only on a terminal)")
 
 
+def _add_env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="versions, device, and which implementation each operator uses and why")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from .environment import environment, print_environment
+
+    info = environment(_check_device(args.device))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_environment(info)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="duo-fast", description="Fast Duo: training, distillation and sampling "
                      "of uniform-state discrete diffusion language models.")
@@ -177,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_env(sub)
     return parser
 
 
@@ -319,8 +338,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(model, info, tokenizer or None, device) for ``sample`` and ``eval``."""
-    from .data import get_tokenizer
-    from .evaluate import check_tokenizer_vocab
+    from .data import check_tokenizer_vocab
     from .pretrained import CheckpointError, describe, load_pretrained
 
     device = _check_device(args.device)
@@ -402,9 +420,9 @@ def _progress(flag: bool) -> bool:
 
 
 def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: Any) -> tuple[list[dict], dict]:
-    from .sampling import SamplerConfig, generate
-
     import time
+
+    from .sampling import SamplerConfig, generate
 
     total = args.num_samples or args.batch
     rows, seconds, capture, nfe = [], 0.0, 0.0, 0
@@ -546,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.launcher_local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
         commands = {"train": _cmd_train, "distill": _cmd_distill, "sample": _cmd_sample, "eval": _cmd_eval,
-                    "bench": _cmd_bench}
+                    "bench": _cmd_bench, "env": _cmd_env}
         return commands[args.command](args)
     except CliError as e:
         line = e.message if e.message.startswith("duo-fast") else f"{command}: {e.message}"

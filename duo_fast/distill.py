@@ -1,4 +1,4 @@
-"""Discrete Consistency Distillation (duo-math.md section 6), single process.
+"""Discrete Consistency Distillation (docs/math.md section 6), single process.
 
 The student starts from a trained Duo model; the teacher is a frozen copy refreshed every
 ``update_every`` optimizer steps (from the student, or from its EMA). In round
@@ -33,18 +33,25 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as ref
+from . import runfolder
 from .checkpoint import save_hf_folder
-from .data import get_tokenizer
+from .data import check_tokenizer_vocab, get_tokenizer
 from .data.blocks import BlockOrder, cached_blocks
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
-from .evaluate import check_tokenizer_vocab
+from .environment import environment
 from .model import DiT
 from .ops import coupled_latents
-from . import runfolder
-from .resume import (StopFlag, generator_states, latest_checkpoint, load_newest, read_checkpoint,
-                     set_generator_states, write_checkpoint)
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .options import option
+from .resume import (
+    StopFlag,
+    generator_states,
+    latest_checkpoint,
+    load_newest,
+    read_checkpoint,
+    set_generator_states,
+    write_checkpoint,
+)
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .ttable import TTable
 
 __all__ = ["DistillConfig", "distill", "dcd_gap", "DISTILL_PRESETS"]
@@ -144,190 +151,228 @@ def _kl(student_logits: Tensor, teacher_logits: Tensor, direction: str) -> Tenso
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Run DCD; writes ``out/log.jsonl``, ``out/checkpoints``, ``out/export`` (HF layout) and ``out/summary.json``."""
-    from tqdm.auto import tqdm
+    """Run DCD; writes ``out/log.jsonl``, ``out/checkpoints``, ``out/export`` (HF layout) and
+    ``out/summary.json``. Returns the summary on rank 0, ``{}`` on the other ranks."""
+    run = _DistillRun(cfg)
+    run.loop()
+    return run.finish()
 
-    from .pretrained import load_pretrained
-    from .devices import resolve_device
 
-    out = Path(cfg.out)
-    ckpt_root = out / "checkpoints"
-    config = dataclasses.asdict(cfg)
-    folder = runfolder.plan(out, config, cfg.resume, cfg.overwrite, latest_checkpoint(ckpt_root) is not None,
-                            command="distill")
-    device, rank, world, micro, accum = placement(resolve_device(cfg.device), cfg.batch_size, cfg.micro_batch_size,
-                                                  cfg.zero_stage)
-    torch.manual_seed(cfg.seed)
-    student, info = load_pretrained(cfg.checkpoint, device=device)
-    K = student.config.vocab_size
-    L = cfg.length or student.config.model_length
-    tok_name = cfg.tokenizer or info.extra.get("tokenizer") or {50257: "gpt2", 50258: "gpt2"}.get(K, "")
-    if not tok_name:
-        raise ValueError("the checkpoint names no tokenizer: pass --tokenizer")
-    tok_vocab = info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab)
-    tokenizer = get_tokenizer(tok_name, tok_vocab)
-    check_tokenizer_vocab(tokenizer, K)
-    tok_key = f"{tok_name}-{tok_vocab}" if tok_name == "bundled" else tok_name
-    if rank == 0:
-        cached_blocks(cfg.dataset, "train", tokenizer, tok_key, L)
-    init_distributed(device)
-    barrier()
-    blocks = cached_blocks(cfg.dataset, "train", tokenizer, tok_key, L)
-    if blocks.shape[0] < cfg.batch_size:
-        raise ValueError(f"only {blocks.shape[0]} blocks of length {L} for a batch of {cfg.batch_size}")
-    order = BlockOrder(blocks.shape[0], micro, seed=cfg.seed + 3, rank=rank, world=world)
-    feeder = BatchFeeder(blocks, order, device)
-    student.train()
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    teacher.autocast = False                  # the teacher's targets in float32 (section 6), not bf16 autocast
-    objective = DCDObjective(student, cfg.loss)
-    args = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
-    if cfg.zero_stage:
-        engine = DeepSpeedEngine(objective, cfg.zero_stage, micro, accum, world, device=device, **args)
-        forward = engine.engine
-    else:
-        engine = TorchEngine(objective, accum=accum, **args)
-        forward = objective
-    with engine.gathered():
-        ema = [p.detach().float().clone() for p in student.parameters()] if cfg.ema > 0 else None
-    table = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
-    gens = {"gen": torch.Generator(device=device).manual_seed(cfg.seed + 1)}    # reseeded per micro-batch
-    if rank == 0:
-        runfolder.apply(folder, config, command="distill")
-        if folder.moved_to is not None:
-            print(f"duo-fast distill: the previous contents of {out} were moved to {folder.moved_to}")
-    barrier()
-    start, losses = 0, []
-    resumed = None
+class _DistillRun:
+    """One ``distill()`` call: run folder, student/teacher/engine, the loop and its log-step reads."""
 
-    def restore(path: Path) -> dict[str, Any]:
-        shared, mine = read_checkpoint(path, engine, rank)
-        if shared["world"] != world:
-            raise ValueError(f"checkpoint {path} was written by {shared['world']} processes, this run has {world}")
-        teacher.load_state_dict(shared["teacher"])
-        set_generator_states(gens, mine["rng"], device)
-        feeder.load_state_dict(mine["order"])
+    def __init__(self, cfg: DistillConfig) -> None:
+        from .devices import resolve_device
+
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.config = dataclasses.asdict(cfg)
+        self.folder = runfolder.plan(self.out, self.config, cfg.resume, cfg.overwrite,
+                                     latest_checkpoint(self.ckpt_root) is not None, command="distill")
+        self.device, self.rank, self.world, self.micro, self.accum = placement(
+            resolve_device(cfg.device), cfg.batch_size, cfg.micro_batch_size, cfg.zero_stage)
+        torch.manual_seed(cfg.seed)
+        self._load_student()
+        self._load_data()
+        self._build_engine()
+        if self.rank == 0:
+            runfolder.apply(self.folder, self.config, command="distill", environment=environment(self.device))
+            if self.folder.moved_to is not None:
+                print(f"duo-fast distill: the previous contents of {self.out} were moved to {self.folder.moved_to}")
+        barrier()
+        self.start, self.losses, resumed = 0, [], None
+        if self.folder.action == "resume":
+            resumed = self._restore()
+        if self.rank == 0:
+            engine = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
+            print(f"duo-fast distill: {self.info.preset} model from {cfg.checkpoint}, K={self.K}, L={self.L}, "
+                  f"batch={cfg.batch_size} ({self.world} x {self.micro} x {self.accum}), {engine}, {cfg.steps} steps, "
+                  f"rounds of {cfg.update_every}, {cfg.loss}, device={self.device}"
+                  + (f"; resumed at step {self.start}" if resumed is not None else ""))
+
+    def _load_student(self) -> None:
+        from .pretrained import load_pretrained
+
+        cfg = self.cfg
+        self.student, self.info = load_pretrained(cfg.checkpoint, device=self.device)
+        self.K = self.student.config.vocab_size
+        self.L = cfg.length or self.student.config.model_length
+        self.tok_name = cfg.tokenizer or self.info.extra.get("tokenizer") or {50257: "gpt2", 50258: "gpt2"}.get(
+            self.K, "")
+        if not self.tok_name:
+            raise ValueError("the checkpoint names no tokenizer: pass --tokenizer")
+        self.tok_vocab = self.info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab)
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        tokenizer = get_tokenizer(self.tok_name, self.tok_vocab)
+        check_tokenizer_vocab(tokenizer, self.K)
+        tok_key = f"{self.tok_name}-{self.tok_vocab}" if self.tok_name == "bundled" else self.tok_name
+        if self.rank == 0:
+            cached_blocks(cfg.dataset, "train", tokenizer, tok_key, self.L)
+        init_distributed(self.device)
+        barrier()
+        blocks = cached_blocks(cfg.dataset, "train", tokenizer, tok_key, self.L)
+        if blocks.shape[0] < cfg.batch_size:
+            raise ValueError(f"only {blocks.shape[0]} blocks of length {self.L} for a batch of {cfg.batch_size}")
+        order = BlockOrder(blocks.shape[0], self.micro, seed=cfg.seed + 3, rank=self.rank, world=self.world)
+        self.feeder = BatchFeeder(blocks, order, self.device)
+
+    def _build_engine(self) -> None:
+        cfg = self.cfg
+        self.student.train()
+        self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.teacher.autocast = False             # the teacher's targets in float32 (section 6), not bf16 autocast
+        self.objective = DCDObjective(self.student, cfg.loss)
+        args = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=cfg.warmup_steps,
+                    grad_clip=cfg.grad_clip)
+        if cfg.zero_stage:
+            self.engine = DeepSpeedEngine(self.objective, cfg.zero_stage, self.micro, self.accum, self.world,
+                                          device=self.device, **args)
+            self.forward = self.engine.engine
+        else:
+            self.engine = TorchEngine(self.objective, accum=self.accum, **args)
+            self.forward = self.objective
+        with self.engine.gathered():
+            self.ema = [p.detach().float().clone() for p in self.student.parameters()] if cfg.ema > 0 else None
+        self.table = TTable.build(self.K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
+        self.gens = {"gen": torch.Generator(device=self.device).manual_seed(cfg.seed + 1)}   # reseeded per micro-batch
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        shared, mine = read_checkpoint(path, self.engine, self.rank)
+        if shared["world"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {shared['world']} processes, this run has {self.world}")
+        self.teacher.load_state_dict(shared["teacher"])
+        set_generator_states(self.gens, mine["rng"], self.device)
+        self.feeder.load_state_dict(mine["order"])
         return shared
 
-    if folder.action == "resume":
-        loaded = load_newest(ckpt_root, restore, rank)
+    def _restore(self) -> Path:
+        loaded = load_newest(self.ckpt_root, self._read, self.rank)
         if loaded is None:
-            raise ValueError(f"--out {out}: no complete checkpoint could be read")
+            raise ValueError(f"--out {self.out}: no complete checkpoint could be read")
         resumed, shared = loaded
-        ema = None if shared["ema"] is None else [e.to(device) for e in shared["ema"]]
-        start, losses = shared["step"] + 1, shared["losses"]
-        if rank == 0:
-            runfolder.truncate_log(out / "log.jsonl", shared["step"], {
-                "event": "resume", "from_checkpoint": resumed.name, "next_step": start,
-                "changes": {k: {"old": a, "new": b} for k, (a, b) in folder.changes.items()}})
+        self.ema = None if shared["ema"] is None else [e.to(self.device) for e in shared["ema"]]
+        self.start, self.losses = shared["step"] + 1, shared["losses"]
+        if self.rank == 0:
+            runfolder.note_resume(self.folder, shared["step"], resumed, "distill")
+        return resumed
 
-    def checkpoint(step: int) -> Path:
-        shared = {"step": step, "teacher": teacher.state_dict(), "ema": ema, "losses": losses, "world": world,
-                  "config": config}
-        return write_checkpoint(ckpt_root, step, engine, rank, shared,
-                                {"rng": generator_states(gens, device), "order": feeder.state_dict()},
-                                keep=cfg.keep_checkpoints)
+    def checkpoint(self, step: int) -> Path:
+        shared = {"step": step, "teacher": self.teacher.state_dict(), "ema": self.ema, "losses": self.losses,
+                  "world": self.world, "config": self.config}
+        mine = {"rng": generator_states(self.gens, self.device), "order": self.feeder.state_dict()}
+        return write_checkpoint(self.ckpt_root, step, self.engine, self.rank, shared, mine,
+                                keep=self.cfg.keep_checkpoints)
 
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
-    if rank == 0:
-        engine_name = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
-        print(f"duo-fast distill: {info.preset} model from {cfg.checkpoint}, K={K}, L={L}, batch={cfg.batch_size} "
-              f"({world} x {micro} x {accum}), {engine_name}, {cfg.steps} steps, rounds of {cfg.update_every}, "
-              f"{cfg.loss}, device={device}" + (f"; resumed at step {start}" if resumed is not None else ""))
-    stop = StopFlag()
-    t_start = time.perf_counter()
-    show_bar = cfg.progress and rank == 0 and sys.stderr.isatty()
-    bar = tqdm(range(start, cfg.steps), disable=not show_bar, desc="distill", dynamic_ncols=True, initial=start,
-               total=cfg.steps)
-    meter = IntervalMeter(device)
-    span = cfg.gamma_max - cfg.gamma_min
-    step = start - 1
-    try:
-        for step in bar:
-            rnd, dt = dcd_gap(step, cfg)
-            refreshed = step > 0 and step % cfg.update_every == 0
-            if refreshed:                               # a new round: the teacher takes the student's (or EMA) weights
-                with torch.no_grad(), engine.gathered():
-                    src = ema if cfg.teacher_from == "ema" else [p.detach() for p in student.parameters()]
-                    torch._foreach_copy_(list(teacher.parameters()), src)
-            objective.train()
-            step_losses = []
-            for j in range(accum):
-                slot = j * world + rank
-                gens["gen"].manual_seed(micro_seed(cfg.seed, step, slot, 1))
-                torch.manual_seed(micro_seed(cfg.seed, step, slot, 2))
-                x0, _ = feeder.next()
-                t = ref.stratified_times(micro, generator=gens["gen"], device=device, dtype=torch.float64)
-                t = (t + dt).clamp(0.0, 1.0)
-                s = t - dt
-                gamma_t, gamma_s = cfg.gamma_min + t * span, cfg.gamma_min + s * span
-                alpha_t, alpha_s = table.alpha_and_derivative(gamma_t)[0], table.alpha_and_derivative(gamma_s)[0]
-                zt, zs = coupled_latents(x0, gamma_t, gamma_s, K, seed=micro_seed(cfg.seed, step, slot, 3))
-                with torch.no_grad():
-                    teacher_logits = teacher(zs, (-torch.log(alpha_s)).float())
-                loss = forward(zt, (-torch.log(alpha_t)).float(), teacher_logits)
-                engine.backward(loss)
-                engine.step(~torch.isfinite(loss.detach()))
-                step_losses.append(loss.detach())
-            if ema is not None:
-                with torch.no_grad(), engine.gathered():
-                    torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - cfg.ema)
-            mean = torch.stack(step_losses).mean()
-            meter.add(step, mean, ~torch.isfinite(mean))
-            stopping = agreed_stop(stop.after_step(step))
-            saving = bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
-            logging = step % cfg.log_every == 0 or step == cfg.steps - 1 or refreshed
-            if logging or stopping or saving:           # the only host reads of the loop
-                read = meter.read()
-                losses.extend(v for v in read["losses"] if math.isfinite(v))
-                if read["skipped"] and len(read["skipped"]) == len(read["steps"]):
-                    raise FloatingPointError(f"the distillation loss was not finite at every step from "
-                                             f"{read['steps'][0]} to {read['steps'][-1]}; no update was applied")
-                if read["skipped"] and rank == 0:
-                    print(f"duo-fast distill: non-finite loss at steps {read['skipped']}: those updates were skipped")
-                value = read["losses"][-1]
-                if show_bar:
-                    bar.set_postfix(loss=f"{value:.4f}", dt=f"{dt:.4f}")
-                if log is not None and logging:
-                    log.write(json.dumps({"step": step, "loss": value, "round": rnd, "dt": dt,
-                                          "teacher_refreshed": refreshed, "lr": engine.lr(),
-                                          "grad_norm": engine.grad_norm(), "skipped_steps": read["skipped"]}) + "\n")
-                    log.flush()
-                    if not show_bar and cfg.progress:
-                        print(f"step {step}/{cfg.steps} loss {value:.4f} dt {dt:.4f}", flush=True)
-            if stopping or saving:
-                path = checkpoint(step)
-                if stopping:
-                    if rank == 0:
-                        print(f"duo-fast distill: signal {stop.signum or 'on another rank'} at step {step}: "
-                              f"checkpoint {path}; run the same command to continue")
-                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    finally:
-        stop.restore()
-        if log is not None:
-            log.close()
-    seconds = time.perf_counter() - t_start
-    if latest_checkpoint(ckpt_root) != ckpt_root / f"step{cfg.steps - 1:09d}":
-        checkpoint(cfg.steps - 1)
-    extra = {"tokenizer": tok_name, "tokenizer_vocab": tok_vocab, "distilled_from": cfg.checkpoint,
-             "steps": cfg.steps, "weights": "ema" if ema is not None else "raw"}
-    with engine.gathered():
-        if rank != 0:
-            return {}
-        final = copy.deepcopy(student).eval()
-        if ema is not None:
+    def step(self, step: int, dt: float) -> Tensor:
+        """One optimizer update with no host read; returns this rank's mean loss (device)."""
+        cfg, span = self.cfg, self.cfg.gamma_max - self.cfg.gamma_min
+        if step > 0 and step % cfg.update_every == 0:   # a new round: the teacher takes the student's (or EMA) weights
+            with torch.no_grad(), self.engine.gathered():
+                src = self.ema if cfg.teacher_from == "ema" else [p.detach() for p in self.student.parameters()]
+                torch._foreach_copy_(list(self.teacher.parameters()), src)
+        self.objective.train()
+        losses = []
+        for j in range(self.accum):
+            slot = j * self.world + self.rank
+            self.gens["gen"].manual_seed(micro_seed(cfg.seed, step, slot, 1))
+            torch.manual_seed(micro_seed(cfg.seed, step, slot, 2))
+            x0, _ = self.feeder.next()
+            t = ref.stratified_times(self.micro, generator=self.gens["gen"], device=self.device, dtype=torch.float64)
+            t = (t + dt).clamp(0.0, 1.0)
+            s = t - dt
+            gamma_t, gamma_s = cfg.gamma_min + t * span, cfg.gamma_min + s * span
+            alpha_t, alpha_s = self.table.alpha_and_derivative(gamma_t)[0], self.table.alpha_and_derivative(gamma_s)[0]
+            zt, zs = coupled_latents(x0, gamma_t, gamma_s, self.K, seed=micro_seed(cfg.seed, step, slot, 3))
             with torch.no_grad():
-                for q, e in zip(final.parameters(), ema):
-                    q.copy_(e)
-        export = save_hf_folder(final, out / "export", extra=extra)
-    n = max(1, min(10, len(losses) // 4))
-    summary = {"loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n,
-               "rounds": dcd_gap(cfg.steps - 1, cfg)[0] + 1, "world_size": world, "zero_stage": cfg.zero_stage,
-               "tokens_per_s": (cfg.steps - start) * cfg.batch_size * L / max(seconds, 1e-9), "export": str(export),
-               "config": dataclasses.asdict(cfg)}
-    summary["status"] = "finished"
-    runfolder.write_json_atomic(out / "summary.json", summary)
-    print(f"distillation loss ({cfg.loss}): start {summary['loss_first']:.4f} -> end {summary['loss_last']:.4f} "
-          f"over {summary['rounds']} rounds; {summary['tokens_per_s']:,.0f} tokens/s")
-    print(f"exported {'EMA' if ema is not None else 'raw'} weights to {export}")
-    return summary
+                teacher_logits = self.teacher(zs, (-torch.log(alpha_s)).float())
+            loss = self.forward(zt, (-torch.log(alpha_t)).float(), teacher_logits)
+            self.engine.backward(loss)
+            self.engine.step(~torch.isfinite(loss.detach()))
+            losses.append(loss.detach())
+        if self.ema is not None:
+            with torch.no_grad(), self.engine.gathered():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.student.parameters()], 1 - cfg.ema)
+        return torch.stack(losses).mean()
+
+    def loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
+        stop = StopFlag()
+        self.t_start = time.perf_counter()
+        self.show_bar = cfg.progress and self.rank == 0 and sys.stderr.isatty()
+        self.bar = tqdm(range(self.start, cfg.steps), disable=not self.show_bar, desc="distill", dynamic_ncols=True,
+                        initial=self.start, total=cfg.steps)
+        self.meter = IntervalMeter(self.device)
+        try:
+            for step in self.bar:
+                rnd, dt = dcd_gap(step, cfg)
+                mean = self.step(step, dt)
+                self.meter.add(step, mean, ~torch.isfinite(mean))
+                stopping = agreed_stop(stop.after_step(step))
+                saving = cfg.save_every > 0 and (step + 1) % cfg.save_every == 0
+                refreshed = step > 0 and step % cfg.update_every == 0
+                logging = step % cfg.log_every == 0 or step == cfg.steps - 1 or refreshed
+                if logging or stopping or saving:           # the only host reads of the loop
+                    self._read_interval(step, rnd, dt, refreshed, logging)
+                if stopping or saving:
+                    path = self.checkpoint(step)
+                    if stopping:
+                        if self.rank == 0:
+                            print(f"duo-fast distill: signal {stop.signum or 'on another rank'} at step {step}: "
+                                  f"checkpoint {path}; run the same command to continue")
+                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        finally:
+            stop.restore()
+            if self.log is not None:
+                self.log.close()
+
+    def _read_interval(self, step: int, rnd: int, dt: float, refreshed: bool, logging: bool) -> None:
+        read = self.meter.read()
+        self.losses.extend(v for v in read["losses"] if math.isfinite(v))
+        if read["skipped"] and len(read["skipped"]) == len(read["steps"]):
+            raise FloatingPointError(f"the distillation loss was not finite at every step from "
+                                     f"{read['steps'][0]} to {read['steps'][-1]}; no update was applied")
+        if read["skipped"] and self.rank == 0:
+            print(f"duo-fast distill: non-finite loss at steps {read['skipped']}: those updates were skipped")
+        value = read["losses"][-1]
+        if self.show_bar:
+            self.bar.set_postfix(loss=f"{value:.4f}", dt=f"{dt:.4f}")
+        if self.log is not None and logging:
+            self.log.write(json.dumps({"step": step, "loss": value, "round": rnd, "dt": dt,
+                                       "teacher_refreshed": refreshed, "lr": self.engine.lr(),
+                                       "grad_norm": self.engine.grad_norm(), "skipped_steps": read["skipped"]}) + "\n")
+            self.log.flush()
+            if not self.show_bar and self.cfg.progress:
+                print(f"step {step}/{self.cfg.steps} loss {value:.4f} dt {dt:.4f}", flush=True)
+
+    def finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        seconds = time.perf_counter() - self.t_start
+        if latest_checkpoint(self.ckpt_root) != self.ckpt_root / f"step{cfg.steps - 1:09d}":
+            self.checkpoint(cfg.steps - 1)
+        extra = {"tokenizer": self.tok_name, "tokenizer_vocab": self.tok_vocab, "distilled_from": cfg.checkpoint,
+                 "steps": cfg.steps, "weights": "ema" if self.ema is not None else "raw"}
+        with self.engine.gathered():
+            if self.rank != 0:
+                return {}
+            final = copy.deepcopy(self.student).eval()
+            if self.ema is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(final.parameters()), self.ema)
+            export = save_hf_folder(final, self.out / "export", extra=extra)
+        losses, n = self.losses, max(1, min(10, len(self.losses) // 4))
+        summary = {"loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n,
+                   "rounds": dcd_gap(cfg.steps - 1, cfg)[0] + 1, "world_size": self.world,
+                   "zero_stage": cfg.zero_stage,
+                   "tokens_per_s": (cfg.steps - self.start) * cfg.batch_size * self.L / max(seconds, 1e-9),
+                   "export": str(export), "config": self.config, "status": "finished",
+                   "environment": environment(self.device)}
+        runfolder.write_json_atomic(self.out / "summary.json", summary)
+        print(f"distillation loss ({cfg.loss}): start {summary['loss_first']:.4f} -> end {summary['loss_last']:.4f} "
+              f"over {summary['rounds']} rounds; {summary['tokens_per_s']:,.0f} tokens/s")
+        print(f"exported {'EMA' if self.ema is not None else 'raw'} weights to {export}")
+        return summary

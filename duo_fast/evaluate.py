@@ -1,4 +1,4 @@
-"""Evaluation: validation / zero-shot perplexity from the RB NELBO (duo-math.md sections 3, 8),
+"""Evaluation: validation / zero-shot perplexity from the RB NELBO (docs/math.md sections 3, 8),
 and generative perplexity of samples under a causal LM with the samples' unigram entropy.
 
 Perplexity: blocks of the model's length (documents detokenised, wrapped with BOS/EOS); per
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import reference as ref
-from .data import blocks_from_documents, load_text_documents
+from .data import blocks_from_documents, check_tokenizer_vocab, load_text_documents
 from .model import DiT
 from .ops import rb_loss
 
@@ -99,15 +100,6 @@ def eval_documents(name: str) -> list[str]:
         raise hub_error(name, e) from e
     docs = [t for t in ds[field] if t and t.strip()]
     return [DETOKENIZERS[detok](d) for d in docs] if detok else docs
-
-
-def check_tokenizer_vocab(tokenizer: Any, vocab_size: int) -> None:
-    """The model's vocabulary must be the tokenizer's, or one larger (public GPT-2 models add a
-    token); anything else means a mismatched tokenizer."""
-    n = len(tokenizer)
-    if vocab_size not in (n, n + 1):
-        raise ValueError(f"tokenizer has {n} tokens but the model's vocabulary is {vocab_size}: "
-                         "they do not belong together (pass the tokenizer the model was trained with)")
 
 
 def discrete_nelbo_draws(x0: Tensor, vocab_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Load existing Duo checkpoints with no conversion step and no remote code (duo-math.md section 7).
+"""Load existing Duo checkpoints with no conversion step and no remote code (docs/math.md section 7).
 
 ``load_pretrained(path_or_hub_id)`` reads:
 

@@ -1,8 +1,8 @@
-"""Plain-PyTorch reference of the Duo math (duo-math.md sections 1-6).
+"""Plain-PyTorch reference of the Duo math (docs/math.md sections 1-6).
 
 This module is the oracle of every kernel test and the baseline of every benchmark. It is
 written to be read: no kernels, no chunking, everything materialised, and float64-capable
-(pass float64 tensors to get float64 results). Shapes follow duo-math.md: ``B`` batch, ``L``
+(pass float64 tensors to get float64 results). Shapes follow docs/math.md: ``B`` batch, ``L``
 length, ``K`` vocabulary, ``D`` hidden width. ``alpha`` arguments broadcast against the
 token axes: a tensor of shape ``(B,)`` is one value per sequence, ``(B, L)`` one per token.
 """

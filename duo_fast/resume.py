@@ -22,8 +22,9 @@ import pickle
 import shutil
 import signal
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

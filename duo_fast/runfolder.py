@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunPlan", "plan", "apply", "write_json_atomic", "truncate_log", "SAFE_TO_CHANGE"]
+__all__ = ["RunPlan", "plan", "apply", "write_json_atomic", "truncate_log", "note_resume", "SAFE_TO_CHANGE"]
 
 # fields that do not change what is computed up to the current step: a resume may change them
 SAFE_TO_CHANGE = frozenset({"steps", "save_every", "log_every", "check_every", "progress", "tensorboard",
@@ -163,3 +163,16 @@ def truncate_log(path: Path, last_step: int, note: dict[str, Any]) -> int:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return dropped
+
+
+def note_resume(p: RunPlan, step: int, checkpoint: Path, command: str) -> None:
+    """Rank 0 of a resumed run: cut the log back to ``step``, append the resume record, and say
+    what changed."""
+    changes = {k: {"old": a, "new": b} for k, (a, b) in p.changes.items()}
+    dropped = truncate_log(p.out / "log.jsonl", step, {"event": "resume", "from_checkpoint": checkpoint.name,
+                                                       "next_step": step + 1, "changes": changes})
+    if p.changes:
+        print(f"duo-fast {command}: changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
+                                                                    p.changes.items()))
+    if dropped:
+        print(f"duo-fast {command}: {dropped} log lines after step {step} were dropped (those steps run again)")

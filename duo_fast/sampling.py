@@ -1,4 +1,4 @@
-"""Few-step ancestral sampling of a Duo denoiser (duo-math.md section 2).
+"""Few-step ancestral sampling of a Duo denoiser (docs/math.md section 2).
 
 ``z_1 ~ Uniform``; times ``linspace(1, t_min, N + 1)``; each of the ``N`` steps is one denoiser
 call at ``(z_t, sigma = -log alpha_t)`` and one exact posterior draw; then the final step at
@@ -15,10 +15,9 @@ noise, and a replay launches no Python.
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

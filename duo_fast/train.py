@@ -1,7 +1,7 @@
 """Duo training: the Gaussian-latent curriculum, then USDM, in one process (plain PyTorch) or
 under DeepSpeed ZeRO 1-3 on any number of processes (``torchrun`` / ``deepspeed`` launchers).
 
-Per step (duo-math.md sections 3-5): stratified times ``t``; during the curriculum
+Per step (docs/math.md sections 3-5): stratified times ``t``; during the curriculum
 ``gamma_t = gamma_min + t (gamma_max - gamma_min)``, ``alpha_t = T(gamma_t)``,
 ``alpha'_t = (gamma_max - gamma_min) T'(gamma_t)``, Gaussian latents ``w = at e_x + st eps``,
 ``z_t = argmax w`` and the denoiser's input is the relaxed ``softmax(w / tau) @ E``
@@ -32,19 +32,29 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as ref
+from . import runfolder
 from .checkpoint import save_hf_folder
-from .devices import device_peaks, resolve_device
 from .data import get_tokenizer
 from .data.blocks import BlockOrder, cached_blocks
+from .devices import device_peaks, resolve_device
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
-from . import runfolder
-from .resume import (StopFlag, gather_ints, generator_states, latest_checkpoint, load_newest, mean_over_ranks,
-                     read_checkpoint, set_generator_states, write_checkpoint)
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
+from .environment import environment
 from .evaluate import discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
 from .options import option
+from .resume import (
+    StopFlag,
+    gather_ints,
+    generator_states,
+    latest_checkpoint,
+    load_newest,
+    mean_over_ranks,
+    read_checkpoint,
+    set_generator_states,
+    write_checkpoint,
+)
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "tau_at", "resolve_device",
@@ -55,7 +65,7 @@ __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "
 class TrainConfig:
     """Every option of ``duo-fast train``; the defaults are the public recipe's where it has one."""
 
-    model: str = option("small", "denoiser preset (duo-math.md section 7)", choices=("tiny", "small", "medium"))
+    model: str = option("small", "denoiser preset (docs/math.md section 7)", choices=("tiny", "small", "medium"))
     dataset: str = option("bundled", "bundled, openwebtext, wikitext103, wikitext2, lm1b, or text:PATH (.txt/.jsonl)")
     tokenizer: str = option("bundled", "'bundled' (BPE trained on the bundled corpus), a local folder or a hub name")
     tokenizer_vocab: int = option(4096, "vocabulary size of the bundled BPE tokenizer")
@@ -399,156 +409,187 @@ def model_flops_per_token(cfg: DiTConfig, length: int) -> float:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training; writes ``out/log.jsonl``, ``out/checkpoints``, ``out/export`` and ``out/summary.json``."""
-    from tqdm.auto import tqdm
+    """Run training; writes ``out/log.jsonl``, ``out/checkpoints``, ``out/export`` and ``out/summary.json``
+    (docs/training.md). Returns the summary on rank 0, ``{}`` on the other ranks."""
+    run = _TrainRun(cfg)
+    run.loop()
+    return run.finish()
 
-    out = Path(cfg.out)
-    ckpt_root = out / "checkpoints"
-    config = dataclasses.asdict(cfg)
-    # what may be done with --out is decided before any heavy work, and nothing is written yet
-    folder = runfolder.plan(out, config, cfg.resume, cfg.overwrite, latest_checkpoint(ckpt_root) is not None)
-    tr = Trainer(cfg)
-    rank0 = tr.rank == 0
-    if rank0:
-        runfolder.apply(folder, config)
-        if folder.moved_to is not None:
-            print(f"duo-fast train: the previous contents of {out} were moved to {folder.moved_to}")
-    barrier()
-    K, L, B = tr.vocab_size, cfg.length, cfg.batch_size
-    start, metrics = 0, {"losses": {"curriculum": [], "discrete": []}, "tokens": {"curriculum": 0, "discrete": 0},
-                         "seconds": {"curriculum": 0.0, "discrete": 0.0}, "val_start": None, "val_curriculum": None}
-    resumed = None
-    if folder.action == "resume":
-        loaded = load_newest(ckpt_root, tr.load_checkpoint, tr.rank)
+
+class _TrainRun:
+    """One ``train()`` call: the run folder, the trainer, the loop and its log-step reads."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.config = dataclasses.asdict(cfg)
+        # what may be done with --out is decided before any heavy work, and nothing is written yet
+        self.folder = runfolder.plan(self.out, self.config, cfg.resume, cfg.overwrite,
+                                     latest_checkpoint(self.ckpt_root) is not None)
+        self.tr = tr = Trainer(cfg)
+        self.rank0 = tr.rank == 0
+        if self.rank0:
+            runfolder.apply(self.folder, self.config, environment=environment(tr.device))
+            if self.folder.moved_to is not None:
+                print(f"duo-fast train: the previous contents of {self.out} were moved to {self.folder.moved_to}")
+        barrier()
+        self.start, self.metrics = 0, {"losses": {"curriculum": [], "discrete": []},
+                                       "tokens": {"curriculum": 0, "discrete": 0},
+                                       "seconds": {"curriculum": 0.0, "discrete": 0.0}, "val_start": None,
+                                       "val_curriculum": None}
+        resumed = self._restore() if self.folder.action == "resume" else None
+        self._announce(resumed)
+        if self.metrics["val_start"] is None:
+            self.metrics["val_start"] = tr.validate(use_ema=False)
+        peaks = device_peaks(tr.device)
+        self.flops_tok, self.peak = model_flops_per_token(tr.model.config, cfg.length), peaks[0] if peaks else None
+
+    def _restore(self) -> Path:
+        loaded = load_newest(self.ckpt_root, self.tr.load_checkpoint, self.tr.rank)
         if loaded is None:
-            raise ValueError(f"--out {out}: no complete checkpoint could be read")
+            raise ValueError(f"--out {self.out}: no complete checkpoint could be read")
         resumed, state = loaded
-        start, metrics = state["step"] + 1, state["metrics"]
-        if rank0:
-            dropped = runfolder.truncate_log(out / "log.jsonl", state["step"], {
-                "event": "resume", "from_checkpoint": resumed.name, "next_step": start,
-                "changes": {k: {"old": a, "new": b} for k, (a, b) in folder.changes.items()}})
-            if folder.changes:
-                print("duo-fast train: changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
-                                                                       for k, (a, b) in folder.changes.items()))
-            if dropped:
-                print(f"duo-fast train: {dropped} log lines after step {state['step']} were dropped (those steps run again)")
-    if rank0:
-        engine = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
-        print(f"duo-fast train: {cfg.model} model ({tr.model.config.num_parameters() / 1e6:.1f}M params), K={K}, "
-              f"L={L}, batch={B} ({tr.world} x {tr.micro} x {tr.accum} accumulation), {engine}, "
-              f"{tr.train_blocks.shape[0]} train / {tr.val_blocks.shape[0]} val blocks, device={tr.device}, "
-              f"curriculum for {min(cfg.curriculum_end, cfg.steps)} of {cfg.steps} steps"
-              + (f"; resumed from {resumed} at step {start}" if resumed is not None else ""))
-    if metrics["val_start"] is None:
-        metrics["val_start"] = tr.validate(use_ema=False)
-    peaks = device_peaks(tr.device)
-    flops_tok, peak = model_flops_per_token(tr.model.config, L), peaks[0] if peaks else None
-    log = open(out / "log.jsonl", "a") if rank0 else None
-    tb = None
-    if cfg.tensorboard and rank0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        self.start, self.metrics = state["step"] + 1, state["metrics"]
+        if self.rank0:
+            runfolder.note_resume(self.folder, state["step"], resumed, "train")
+        return resumed
 
-            tb = SummaryWriter(str(out / "tb"))
-        except ImportError:
-            print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
-    stop = StopFlag()
-    show_bar = cfg.progress and rank0 and sys.stderr.isatty()
-    bar = tqdm(range(start, cfg.steps), disable=not show_bar, desc="train", dynamic_ncols=True, initial=start,
-               total=cfg.steps)
-    meter = IntervalMeter(tr.device)
-    interval_sums: list[list[int]] = []
-    _device_sync(tr.device)
-    t_interval = time.perf_counter()
-    step = start - 1
-    try:
-        for step in bar:
-            phase = "curriculum" if tr.in_curriculum(step) else "discrete"
-            last_of_phase = step == cfg.steps - 1 or (phase == "curriculum" and step + 1 == cfg.curriculum_end)
-            logging = step % cfg.log_every == 0 or last_of_phase
-            loss, bad, sums = tr.train_step(step, check=logging and tr.checks_at(step))
-            meter.add(step, loss, bad)
-            interval_sums.append(sums)
-            stopping = agreed_stop(stop.after_step(step))
-            saving = bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
-            if logging or stopping or saving:              # the only host reads of the loop: once per interval
-                _device_sync(tr.device)
-                dt = time.perf_counter() - t_interval
-                read = meter.read()
-                n_steps = len(read["steps"])
-                metrics["seconds"][phase] += dt
-                metrics["tokens"][phase] += n_steps * B * L
-                finite = [v for v in read["losses"] if math.isfinite(v)]
-                metrics["losses"][phase].extend(finite)
-                if read["skipped"] and len(read["skipped"]) == n_steps:
-                    raise FloatingPointError(f"the loss was not finite at every step from {read['steps'][0]} to "
-                                             f"{read['steps'][-1]}; no update was applied in that interval")
-                if read["skipped"] and rank0:
-                    print(f"duo-fast train: non-finite loss at steps {read['skipped']}: those updates were skipped")
-                loss_now = read["losses"][-1]
-                if show_bar:
-                    bar.set_postfix(loss=f"{loss_now:.3f}", phase=phase[:5])
-                checksums = gather_ints(interval_sums[-1], tr.device) if logging else None   # every rank or none
-                interval_sums = []
-                if rank0 and logging:
-                    tps = n_steps * B * L / dt
-                    rec = {"step": step, "loss": loss_now, "loss_mean": sum(finite) / len(finite) if finite else None,
-                           "grad_norm": tr.engine.grad_norm(), "lr": tr.engine.lr(), "phase": phase,
-                           "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,
-                           "mfu": tps * flops_tok / peak if peak else None, "skipped_steps": read["skipped"],
-                           "batch_checksums": checksums}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    if not show_bar and cfg.progress:
-                        print(f"step {step}/{cfg.steps} {phase} loss {loss_now:.4f} {tps:,.0f} tokens/s", flush=True)
-                    if tb is not None:
-                        for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
-                            tb.add_scalar(f"train/{k}", rec[k], step)
-                if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
-                    metrics["val_curriculum"] = tr.validate()
-                t_interval = time.perf_counter()
-            if stopping or saving:
-                path = tr.save_checkpoint(ckpt_root, step, metrics)
-                if stopping:
-                    if rank0:
-                        print(f"duo-fast train: signal {stop.signum or 'on another rank'} at step {step}: "
-                              f"checkpoint {path}; run the same command to continue")
-                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-                t_interval = time.perf_counter()
-    finally:
-        stop.restore()
-        if log is not None:
-            log.close()
-    if latest_checkpoint(ckpt_root) != ckpt_root / f"step{cfg.steps - 1:09d}":
-        tr.save_checkpoint(ckpt_root, cfg.steps - 1, metrics)        # the finished run can be extended
-    val_end = tr.validate()
-    export = tr.export(out / "export", cfg.steps)
-    if not rank0:
-        return {}
-    phases = {}
-    for k, v in metrics["losses"].items():
-        if v:
-            n = max(1, min(20, len(v) // 4))
-            phases[k] = {"steps": len(v), "loss_first": sum(v[:n]) / n, "loss_last": sum(v[-n:]) / n, "window": n}
-    tokens_per_s = {k: metrics["tokens"][k] / metrics["seconds"][k] for k in metrics["tokens"] if metrics["seconds"][k] > 0}
-    summary = {
-        "train_loss": phases, "val_nelbo_start": metrics["val_start"],
-        "val_nelbo_after_curriculum": metrics["val_curriculum"], "val_nelbo_end": val_end,
-        "val_ppl_bound_end": math.exp(min(val_end, 50.0)), "tokens_per_s": tokens_per_s,
-        "mfu": {k: v * flops_tok / peak for k, v in tokens_per_s.items()} if peak else None,
-        "world_size": tr.world, "zero_stage": cfg.zero_stage, "export": str(export), "config": config,
-        "status": "finished", "steps_done": cfg.steps,
-    }
-    runfolder.write_json_atomic(out / "summary.json", summary)
-    for k, v in phases.items():
+    def _announce(self, resumed: Path | None) -> None:
+        cfg, tr = self.cfg, self.tr
+        if not self.rank0:
+            return
+        engine = f"DeepSpeed ZeRO-{cfg.zero_stage}" if cfg.zero_stage else "PyTorch"
+        print(f"duo-fast train: {cfg.model} model ({tr.model.config.num_parameters() / 1e6:.1f}M params), "
+              f"K={tr.vocab_size}, L={cfg.length}, batch={cfg.batch_size} ({tr.world} x {tr.micro} x {tr.accum} "
+              f"accumulation), {engine}, {tr.train_blocks.shape[0]} train / {tr.val_blocks.shape[0]} val blocks, "
+              f"device={tr.device}, curriculum for {min(cfg.curriculum_end, cfg.steps)} of {cfg.steps} steps"
+              + (f"; resumed from {resumed} at step {self.start}" if resumed is not None else ""))
+
+    def _open_logs(self) -> None:
+        self.log = open(self.out / "log.jsonl", "a") if self.rank0 else None
+        self.tb = None
+        if self.cfg.tensorboard and self.rank0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"))
+            except ImportError:
+                print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
+
+    def loop(self) -> None:
+        """The steps; host reads only at log, save and stop points (``_read_interval``)."""
+        from tqdm.auto import tqdm
+
+        cfg, tr = self.cfg, self.tr
+        self._open_logs()
+        stop = StopFlag()
+        self.show_bar = cfg.progress and self.rank0 and sys.stderr.isatty()
+        self.bar = tqdm(range(self.start, cfg.steps), disable=not self.show_bar, desc="train", dynamic_ncols=True,
+                        initial=self.start, total=cfg.steps)
+        self.meter, self.sums = IntervalMeter(tr.device), []
+        _device_sync(tr.device)
+        self.t_interval = time.perf_counter()
+        try:
+            for step in self.bar:
+                phase = "curriculum" if tr.in_curriculum(step) else "discrete"
+                last_of_phase = step == cfg.steps - 1 or (phase == "curriculum" and step + 1 == cfg.curriculum_end)
+                logging = step % cfg.log_every == 0 or last_of_phase
+                loss, bad, sums = tr.train_step(step, check=logging and tr.checks_at(step))
+                self.meter.add(step, loss, bad)
+                self.sums.append(sums)
+                stopping = agreed_stop(stop.after_step(step))
+                saving = cfg.save_every > 0 and (step + 1) % cfg.save_every == 0
+                if logging or stopping or saving:
+                    self._read_interval(step, phase, logging)
+                if stopping or saving:
+                    path = tr.save_checkpoint(self.ckpt_root, step, self.metrics)
+                    if stopping:
+                        if self.rank0:
+                            print(f"duo-fast train: signal {stop.signum or 'on another rank'} at step {step}: "
+                                  f"checkpoint {path}; run the same command to continue")
+                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                    self.t_interval = time.perf_counter()
+        finally:
+            stop.restore()
+            if self.log is not None:
+                self.log.close()
+
+    def _read_interval(self, step: int, phase: str, logging: bool) -> None:
+        """The interval's one device read and one collective; the log line; validation after the curriculum."""
+        cfg, tr, metrics = self.cfg, self.tr, self.metrics
+        _device_sync(tr.device)
+        dt = time.perf_counter() - self.t_interval
+        read = self.meter.read()
+        n_steps, tokens = len(read["steps"]), len(read["steps"]) * cfg.batch_size * cfg.length
+        metrics["seconds"][phase] += dt
+        metrics["tokens"][phase] += tokens
+        finite = [v for v in read["losses"] if math.isfinite(v)]
+        metrics["losses"][phase].extend(finite)
+        if read["skipped"] and len(read["skipped"]) == n_steps:
+            raise FloatingPointError(f"the loss was not finite at every step from {read['steps'][0]} to "
+                                     f"{read['steps'][-1]}; no update was applied in that interval")
+        if read["skipped"] and self.rank0:
+            print(f"duo-fast train: non-finite loss at steps {read['skipped']}: those updates were skipped")
+        loss_now = read["losses"][-1]
+        if self.show_bar:
+            self.bar.set_postfix(loss=f"{loss_now:.3f}", phase=phase[:5])
+        checksums = gather_ints(self.sums[-1], tr.device) if logging else None     # every rank or none
+        self.sums = []
+        if self.rank0 and logging:
+            tps = tokens / dt
+            rec = {"step": step, "loss": loss_now, "loss_mean": sum(finite) / len(finite) if finite else None,
+                   "grad_norm": tr.engine.grad_norm(), "lr": tr.engine.lr(), "phase": phase,
+                   "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,
+                   "mfu": tps * self.flops_tok / self.peak if self.peak else None, "skipped_steps": read["skipped"],
+                   "batch_checksums": checksums}
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
+            if not self.show_bar and cfg.progress:
+                print(f"step {step}/{cfg.steps} {phase} loss {loss_now:.4f} {tps:,.0f} tokens/s", flush=True)
+            if self.tb is not None:
+                for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                    self.tb.add_scalar(f"train/{k}", rec[k], step)
+        if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
+            metrics["val_curriculum"] = tr.validate()
+        self.t_interval = time.perf_counter()
+
+    def finish(self) -> dict[str, Any]:
+        """Final checkpoint, validation, export and ``summary.json``."""
+        cfg, tr, metrics = self.cfg, self.tr, self.metrics
+        if latest_checkpoint(self.ckpt_root) != self.ckpt_root / f"step{cfg.steps - 1:09d}":
+            tr.save_checkpoint(self.ckpt_root, cfg.steps - 1, metrics)        # the finished run can be extended
+        val_end = tr.validate()
+        export = tr.export(self.out / "export", cfg.steps)
+        if not self.rank0:
+            return {}
+        phases = {}
+        for k, v in metrics["losses"].items():
+            if v:
+                n = max(1, min(20, len(v) // 4))
+                phases[k] = {"steps": len(v), "loss_first": sum(v[:n]) / n, "loss_last": sum(v[-n:]) / n, "window": n}
+        tokens_per_s = {k: metrics["tokens"][k] / metrics["seconds"][k] for k in metrics["tokens"]
+                        if metrics["seconds"][k] > 0}
+        summary = {
+            "train_loss": phases, "val_nelbo_start": metrics["val_start"],
+            "val_nelbo_after_curriculum": metrics["val_curriculum"], "val_nelbo_end": val_end,
+            "val_ppl_bound_end": math.exp(min(val_end, 50.0)), "tokens_per_s": tokens_per_s,
+            "mfu": {k: v * self.flops_tok / self.peak for k, v in tokens_per_s.items()} if self.peak else None,
+            "world_size": tr.world, "zero_stage": cfg.zero_stage, "export": str(export), "config": self.config,
+            "status": "finished", "steps_done": cfg.steps, "environment": environment(tr.device),
+        }
+        runfolder.write_json_atomic(self.out / "summary.json", summary)
+        _print_summary(summary, metrics, tr.ema is not None)
+        return summary
+
+
+def _print_summary(summary: dict[str, Any], metrics: dict[str, Any], ema: bool) -> None:
+    for k, v in summary["train_loss"].items():
         print(f"train loss, {k} phase ({v['steps']} steps; mean of {v['window']}, noisy: one t per sequence): "
               f"start {v['loss_first']:.4f} -> end {v['loss_last']:.4f}")
     mid = f" -> after the curriculum {metrics['val_curriculum']:.4f}" if metrics["val_curriculum"] is not None else ""
     print(f"validation NELBO (discrete loss, nats/token, fixed seed): start {metrics['val_start']:.4f}{mid} -> end "
-          f"{val_end:.4f} (perplexity bound {summary['val_ppl_bound_end']:.1f})")
-    for k, v in tokens_per_s.items():
+          f"{summary['val_nelbo_end']:.4f} (perplexity bound {summary['val_ppl_bound_end']:.1f})")
+    for k, v in summary["tokens_per_s"].items():
         print(f"training throughput, {k} phase: {v:,.0f} tokens/s"
               + (f", MFU {summary['mfu'][k]:.1%}" if summary["mfu"] else ""))
-    print(f"exported {'EMA' if tr.ema is not None else 'raw'} weights to {export}")
-    return summary
+    print(f"exported {'EMA' if ema else 'raw'} weights to {summary['export']}")

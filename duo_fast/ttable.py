@@ -1,4 +1,4 @@
-"""The Diffusion Transformation operator ``T`` (duo-math.md section 4) as an interpolation table.
+"""The Diffusion Transformation operator ``T`` (docs/math.md section 4) as an interpolation table.
 
 ``p(gamma) = P(argmax(at e_x + st eps) = x) = int phi(z - mu) Phi(z)^(K-1) dz`` with
 ``mu = exp(-gamma/2)``, and ``T(gamma) = (K p - 1)/(K - 1)`` is the USDM ``alpha``.

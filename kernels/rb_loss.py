@@ -1,4 +1,4 @@
-"""Triton kernels: the Rao-Blackwellized NELBO over a (N, K) block of logits (duo-math.md section 3).
+"""Triton kernels: the Rao-Blackwellized NELBO over a (N, K) block of logits (docs/math.md section 3).
 
 The loss needs, per token, the log-sum-exp of the logits and a handful of sums over the
 vocabulary; its gradient is then an elementwise function of each logit and per-token scalars.

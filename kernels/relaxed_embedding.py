@@ -1,4 +1,4 @@
-"""Triton kernels: the curriculum's relaxed input embedding (duo-math.md section 5).
+"""Triton kernels: the curriculum's relaxed input embedding (docs/math.md section 5).
 
 Per token ``n`` with clean id ``x``: ``w_j = at [j = x] + st eps_j`` (``eps`` standard normal),
 ``z_t = argmax_j w_j``, ``h0 = sum_j softmax(w / tau)_j E_j``. Structurally attention with random

@@ -1,4 +1,4 @@
-"""Triton kernels: exact one-pass posterior sampling (duo-math.md section 2).
+"""Triton kernels: exact one-pass posterior sampling (docs/math.md section 2).
 
 For each token (a row of the logits), one streaming pass over the vocabulary keeps an online
 log-sum-exp, a Gumbel-argmax of ``logits + g`` (a draw from ``x_theta``) and the logit at

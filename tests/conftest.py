@@ -46,7 +46,8 @@ def assert_binomial(successes: int, n: int, p: float, sigmas: float = 4.0, what:
     """``successes`` of ``n`` Bernoulli(p) trials lies within ``sigmas`` standard deviations."""
     sd = math.sqrt(n * p * (1 - p))
     dev = abs(successes - n * p)
-    assert dev <= sigmas * sd + 1e-9, f"{what}: {successes}/{n} = {successes / n:.5f}, expected p = {p:.5f} (dev {dev / max(sd, 1e-12):.2f} sd)"
+    assert dev <= sigmas * sd + 1e-9, (f"{what}: {successes}/{n} = {successes / n:.5f}, expected p = {p:.5f} "
+                                       f"(dev {dev / max(sd, 1e-12):.2f} sd)")
 
 
 def assert_two_binomials(k1: int, n1: int, k2: int, n2: int, sigmas: float = 4.0, what: str = "") -> None:

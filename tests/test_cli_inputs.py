@@ -275,3 +275,14 @@ def test_text_data_is_validated_on_held_out_documents(tmp_path):
     val = load_text_documents(f"text:{path}", "validation", val_fraction=0.1)
     assert len(val) == 4 and len(train) == 36 and not set(train) & set(val) and set(train) | set(val) == set(docs)
     assert load_text_documents(f"text:{path}", "validation", val_fraction=0.1) == val      # a fixed choice
+
+
+def test_env_json_and_its_copy_in_summary(finished_run, capsys):
+    assert main(["env", "--json", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"versions", "device", "backends", "caches"} <= set(info)
+    assert info["versions"]["torch"] == torch.__version__ and info["backends"]["ttable_lookup"]["backend"] == "cpp"
+    for op in ("rb_loss", "relaxed_embedding", "sample_posterior_linear"):
+        assert info["backends"][op]["backend"] in ("triton", "triton-interpreter", "torch") and info["backends"][op]["why"]
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["environment"]["versions"]["torch"] == torch.__version__

@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from duo_fast.data import (bundled_documents, get_tokenizer, load_text_documents, special_ids,
-                           tokenize_documents, wrap_blocks)
+from duo_fast.data import (
+    bundled_documents,
+    get_tokenizer,
+    load_text_documents,
+    special_ids,
+    tokenize_documents,
+    wrap_blocks,
+)
 
 
 def test_bundled_corpus_is_english_text():

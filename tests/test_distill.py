@@ -62,9 +62,9 @@ def test_distill_config_errors(tmp_path):
         main(["distill", "--dataset", "bundled"])
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"checkpoint": "x", "update_evry": 3}))
-    with pytest.raises(SystemExit, match="unknown config field"):
+    with pytest.raises(SystemExit, match=r"unknown field\(s\)"):
         main(["distill", "--config", str(cfg)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit, match="missing.yaml: no such file"):
         main(["distill", "--config", str(tmp_path / "missing.yaml")])
 
 

@@ -271,7 +271,7 @@ def tiny_export(tmp_path_factory):
     torch.manual_seed(0)
     model = DiT(DiTConfig.from_name("tiny", vocab_size=len(tok), model_length=32, n_blocks=2))
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, 0.05)
     path = tmp_path_factory.mktemp("export") / "tiny"
     save_hf_folder(model, path, extra={"tokenizer": "bundled", "tokenizer_vocab": 512, "weights": "ema"})

@@ -75,7 +75,8 @@ def test_rb_loss_fp32_against_float64(impl, K):
         for alpha, tol in ALPHAS:
             logits, zt, x0, a, da = _inputs(B, L, K, alpha, per_token=per_tok)
             if per_tok:                            # spread alpha per token around the grid point
-                a = (a * (1 + 0.1 * (torch.rand(B, L, dtype=torch.float64) - 0.5) * min(1.0, (1 - alpha) / alpha))).clamp(1e-5, 1 - 1e-5)
+                jitter = 0.1 * (torch.rand(B, L, dtype=torch.float64) - 0.5) * min(1.0, (1 - alpha) / alpha)
+                a = (a * (1 + jitter)).clamp(1e-5, 1 - 1e-5)
             g_out = torch.rand(B, L, dtype=torch.float64)
             lg64 = logits.clone().requires_grad_()
             truth = ref.rb_loss_direct_ref(lg64, zt, x0, a, da)

@@ -7,10 +7,10 @@ import json
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
 
 # (name substring, dense bf16 tensor FLOP/s, memory bytes/s): vendor figures for the SXM parts.
 from ..devices import DEVICE_PEAKS, device_peaks  # noqa: E402,F401 - re-exported for the bench

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .. import reference as ref
+from ..environment import environment as full_environment
 from ..model import DiT, DiTConfig
 from ..ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
 from ..sampling import SamplerConfig, generate
@@ -389,7 +391,7 @@ def run_suite(groups: list[str], preset: str = "tiny", device: str | torch.devic
         for case in tqdm(cases, desc=f"bench {grp}", disable=not progress, leave=False, dynamic_ncols=True):
             rows.append(run_case(case, device, repeats, peaks))
     return {"bench": "suite", "groups": groups, "preset": preset, "shape": p, "dtype": dtype, "repeats": repeats,
-            "env": environment(device), "backend": backend(device),
+            "env": environment(device), "backend": backend(device), "environment": full_environment(device),
             "device_peaks": None if peaks is None else {"bf16_flops": peaks[0], "bytes_per_s": peaks[1]},
             "seconds": time.perf_counter() - t0, "all_match": all(r["match"] is not False for r in rows), "rows": rows}
 

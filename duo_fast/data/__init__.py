@@ -8,21 +8,23 @@
 * ``load_text_documents(source)``: ``datasets``-based loading of hub corpora (``openwebtext``,
   ``wikitext103``, ``lm1b``) and of local ``.txt`` / ``.jsonl`` files.
 * ``wrap_blocks(...)``: documents -> ``[BOS] doc [EOS]`` concatenated and cut into ``(N, L)`` blocks
-  (duo-math.md section 8: every block fully valid, no padding).
+  (docs/math.md section 8: every block fully valid, no padding).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["bundled_documents", "bundled_corpus_path", "get_tokenizer", "train_bpe_tokenizer",
            "load_text_documents", "wrap_blocks", "tokenize_documents", "special_ids", "blocks_from_documents",
+           "check_tokenizer_vocab", "held_out_split", "hub_error",
            "BlockDataset"]
 
 _HERE = Path(__file__).resolve().parent
@@ -91,6 +93,15 @@ def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
                              f"{str(e).splitlines()[0][:200]})") from e
         raise ValueError(f"tokenizer {name_or_path!r} could not be loaded from the Hugging Face hub "
                          f"({type(e).__name__}); offline, pass a local tokenizer folder") from e
+
+
+def check_tokenizer_vocab(tokenizer: Any, vocab_size: int) -> None:
+    """The model's vocabulary must be the tokenizer's, or one larger (public GPT-2 models add a
+    token); anything else means a mismatched tokenizer."""
+    n = len(tokenizer)
+    if vocab_size not in (n, n + 1):
+        raise ValueError(f"tokenizer has {n} tokens but the model's vocabulary is {vocab_size}: "
+                         "they do not belong together (pass the tokenizer the model was trained with)")
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Tokenised training blocks cached on disk (memory-mapped), and the order in which ranks read
-them: deterministic from the seed, sharded by rank, resumable mid-epoch (duo-math.md section 8).
+them: deterministic from the seed, sharded by rank, resumable mid-epoch (docs/math.md section 8).
 
 The cache key covers everything the blocks depend on: the dataset (for a local file also its
 size and modification time), the split, the tokenizer's name and vocabulary, the block length

@@ -1,4 +1,4 @@
-"""Denoiser configuration with the presets of duo-math.md section 7."""
+"""Denoiser configuration with the presets of docs/math.md section 7."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The standard Duo/MDLM denoiser (a DiT with adaLN conditioning), duo-math.md section 7.
+"""The standard Duo/MDLM denoiser (a DiT with adaLN conditioning), docs/math.md section 7.
 
 Module names, parameter shapes, parameter order and numerics match the public checkpoints, so
 their ``backbone.*`` state dicts load with no conversion. Inputs can be token ids, relaxed

@@ -8,7 +8,8 @@ from .posterior import sample_posterior, sample_posterior_linear
 from .rb_loss import rb_loss, rb_loss_linear
 from .relaxed import coupled_latents, relaxed_embedding
 
-__all__ = ["rb_loss", "rb_loss_linear", "relaxed_embedding", "coupled_latents", "sample_posterior", "sample_posterior_linear", "backend"]
+__all__ = ["rb_loss", "rb_loss_linear", "relaxed_embedding", "coupled_latents", "sample_posterior",
+           "sample_posterior_linear", "backend"]
 
 
 def backend(device: str | torch.device = "cpu") -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Exact posterior sampling as a three-part mixture (duo-math.md section 2).
+"""Exact posterior sampling as a three-part mixture (docs/math.md section 2).
 
 ``q(z_s | z_t, x_theta)`` is a mixture of "draw from x_theta" (weight ``A = a_s - a_t``),
 "draw uniformly" (``Bu = (a_s - a_t)(1 - a_s)/a_s``) and "stay at z_t"

@@ -1,4 +1,4 @@
-"""The Rao-Blackwellized NELBO (duo-math.md section 3) from logits, or fused with the output
+"""The Rao-Blackwellized NELBO (docs/math.md section 3) from logits, or fused with the output
 projection so that the logits never exist whole.
 
 Both operators reduce each token's row of logits to nine float32 statistics (log-sum-exp, the

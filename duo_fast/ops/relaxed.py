@@ -1,4 +1,4 @@
-"""The curriculum's relaxed input embedding and DCD's coupled latents (duo-math.md sections 5, 6),
+"""The curriculum's relaxed input embedding and DCD's coupled latents (docs/math.md sections 5, 6),
 without any ``B x L x K`` tensor.
 
 ``relaxed_embedding`` modes:
