@@ -51,6 +51,19 @@ def files(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def bad_config_export(finished_run, tmp_path_factory) -> Path:
+    """The finished run's export with ``"model_length": "abc"`` in its config.json."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("badcfg") / "export"
+    shutil.copytree(finished_run / "export", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_length"] = "abc"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def _bad_inputs(run: Path, d: Path) -> list[tuple[list[str], str]]:
     """(argv, a fragment the one-line message must contain)."""
     out = ["--out", str(run)]
@@ -115,10 +128,12 @@ def _bad_inputs(run: Path, d: Path) -> list[tuple[list[str], str]]:
     ] + ([] if torch.cuda.is_available() else [(["sample", *ckpt, "--device", "cuda"], "--device cuda")])
 
 
-def test_every_bad_input_is_one_line_and_exit_2(finished_run, files, capsys):
+def test_every_bad_input_is_one_line_and_exit_2(finished_run, files, bad_config_export, capsys):
     before = _checksums(finished_run)
     failures = []
-    for argv, fragment in _bad_inputs(finished_run, files):
+    cases = _bad_inputs(finished_run, files) + [
+        (["sample", "--checkpoint", str(bad_config_export)], "model_length must be int, got 'abc'")]
+    for argv, fragment in cases:
         capsys.readouterr()
         try:
             main(argv)
@@ -286,3 +301,11 @@ def test_env_json_and_its_copy_in_summary(finished_run, capsys):
         assert info["backends"][op]["backend"] in ("triton", "triton-interpreter", "torch") and info["backends"][op]["why"]
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["environment"]["versions"]["torch"] == torch.__version__
+
+
+def test_lengths_beyond_the_trained_one_are_warned_about(finished_run, capsys):
+    out = finished_run.parent / "long.jsonl"
+    assert main(["sample", "--checkpoint", str(finished_run / "export"), "--length", "40", "--steps", "1",
+                 "--batch", "1", "--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: length 40 is beyond the model's trained length 16" in err

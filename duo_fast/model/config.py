@@ -29,6 +29,13 @@ class DiTConfig:
     time_conditioning: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "bool": bool}[str(f.type)]
+            if not isinstance(v, want) or (str(f.type) != "bool" and isinstance(v, bool)):
+                raise ValueError(f"{f.name} must be {str(f.type)}, got {v!r}")
+        if min(self.model_length, self.hidden_dim, self.cond_dim, self.n_blocks, self.n_heads) < 1:
+            raise ValueError("model_length, hidden_dim, cond_dim, n_blocks and n_heads must be >= 1")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.hidden_dim % self.n_heads:
