@@ -1,8 +1,12 @@
-"""Compile every kernel configuration the dispatchers can pick, for a GPU target (default
-Hopper, sm_90), on any machine: no GPU needed. Catches what the interpreter lets through
-(dtype rules, layouts, unsupported ops) and reports registers and shared memory per config.
+"""Compile every kernel configuration the launchers can pick, for a GPU target (default Hopper,
+sm_90a), on any machine: no GPU needed. Catches what the interpreter lets through (dtype rules,
+layouts, unsupported ops) and reports registers, spills and shared memory per configuration.
 
-    python -m duo_fast.kernels.compile_check [--arch 90] [--jobs 2]
+Each configuration is compiled exactly as the JIT builds it at launch: the real launcher is called
+on ``meta`` tensors of the shapes that select the configuration, its ``kernel[grid](...)`` call is
+captured, and Triton's own binder specialises it (``duo_fast.kernels.cost_model.jit_compile``).
+
+    python -m duo_fast.kernels.compile_check [--arch 90] [--jobs 2] [--only MODULE]
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions).
 """
@@ -17,116 +21,158 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 __all__ = ["configurations", "compile_one", "compile_all", "print_results", "resources_in_subprocess"]
 
-_PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+def _meta(*shape: int, dtype: Any) -> Any:
+    import torch
+
+    return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _sample_posterior_configs() -> list[tuple[str, str, dict[str, str], dict[str, Any], int]]:
-    """(kernel, label, signature, constexprs, num_warps) for kernels/sample_posterior.py."""
+_DT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, _DT[name])
+
+
+def _sample_posterior_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Launcher calls of kernels/sample_posterior.py: every block configuration its launchers can
+    pick, and every flag and dtype at the production shape (GPT-2 vocabulary, N = 65536, D = 768)."""
+    import torch
+
     from . import sample_posterior as sp
 
     out = []
-    # logits kernel: every (BLOCK_M, BLOCK_K) logits_blocks() returns, plus every flag at the largest.
-    blocks = sorted({sp.logits_blocks(K, interpret=False) for K in [2**i for i in range(1, 17)]})
-    flag_sets = [(0, False, "fp32")] + [(f, p, "bf16") for f in (0, 1, 2) for p in (False, True)] + [(0, True, "fp16")]
-    production = sp.logits_blocks(50257, interpret=False)          # GPT-2 vocabulary: every flag there
-    for bm, bk in blocks:
-        for final, psi, dt in (flag_sets if (bm, bk) == production else flag_sets[:1]):
-            sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "zt_ptr": "*i64", "a_s_ptr": "*fp64", "a_t_ptr": "*fp64",
-                   "kappa_ptr": "*fp64", "out_ptr": "*i64", "N": "i32", "K": "i32", "seed": "i64", "seed_ptr": "*i64",
-                   "FINAL": "constexpr", "USE_PSI": "constexpr", "SEED_FROM_PTR": "constexpr", "BLOCK_M": "constexpr",
-                   "BLOCK_K": "constexpr"}
-            const = {"FINAL": final, "USE_PSI": psi, "SEED_FROM_PTR": (bm, bk) == production, "BLOCK_M": bm,
-                     "BLOCK_K": bk}
-            out.append(("_sample_posterior_kernel", f"{dt} M={bm} K={bk} final={final} psi={int(psi)}", sig, const,
-                        8 if bk >= 2048 else 4))
-    # fused-linear kernel: every (BLOCK_N, BLOCK_K, BLOCK_D) linear_blocks() returns, flags at the largest.
-    lblocks = sorted({sp.linear_blocks(N, K, D, interpret=False) for N in (1, 64) for K in (2, 20, 40, 70, 128)
-                      for D in (2, 20, 40, 64)})
-    lflags = ([(0, False, True, "fp32")] + [(f, p, True, "bf16") for f in (0, 1, 2) for p in (False, True)]
-              + [(0, True, False, "fp16")])
-    lproduction = sp.linear_blocks(65536, 50257, 768, interpret=False)
-    for bn, bk, bd in lblocks:
-        for final, psi, bias, dt in (lflags if (bn, bk, bd) == lproduction else lflags[:1]):
-            sig = {"h_ptr": _PTR[dt], "stride_hn": "i64", "w_ptr": _PTR[dt], "stride_wk": "i64", "b_ptr": _PTR[dt],
-                   "zt_ptr": "*i64", "a_s_ptr": "*fp64", "a_t_ptr": "*fp64", "kappa_ptr": "*fp64", "out_ptr": "*i64",
-                   "N": "i32", "K": "i32", "D": "i32", "seed": "i64", "seed_ptr": "*i64", "HAS_BIAS": "constexpr",
-                   "FINAL": "constexpr", "USE_PSI": "constexpr", "IEEE": "constexpr", "SEED_FROM_PTR": "constexpr",
-                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
-            const = {"HAS_BIAS": bias, "FINAL": final, "USE_PSI": psi, "IEEE": dt == "fp32",
-                     "SEED_FROM_PTR": (bn, bk, bd) == lproduction, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}
-            out.append(("_sample_posterior_linear_kernel",
-                        f"{dt} N={bn} K={bk} D={bd} final={final} psi={int(psi)} bias={int(bias)}", sig, const, 4))
+
+    def logits_call(N: int, K: int, dt: str, final: int, psi: bool, seed_tensor: bool) -> Callable[[], Any]:
+        def call() -> Any:
+            a = _meta(N, dtype=torch.float64)
+            seed = _meta(1, dtype=torch.int64) if seed_tensor else 2**61 + 7
+            return sp.sample_posterior_fwd(_meta(N, K, dtype=_dtype(dt)), _meta(N, dtype=torch.int64), a, a,
+                                           a if psi else None, seed, final)
+        return call
+
+    def linear_call(N: int, K: int, D: int, dt: str, final: int, psi: bool, bias: bool,
+                    seed_tensor: bool) -> Callable[[], Any]:
+        def call() -> Any:
+            a = _meta(N, dtype=torch.float64)
+            seed = _meta(1, dtype=torch.int64) if seed_tensor else 2**61 + 7
+            return sp.sample_posterior_linear_fwd(_meta(N, D, dtype=_dtype(dt)), _meta(K, D, dtype=_dtype(dt)),
+                                                  _meta(K, dtype=_dtype(dt)) if bias else None,
+                                                  _meta(N, dtype=torch.int64), a, a, a if psi else None, seed, final)
+        return call
+
+    for K in sorted({2**i for i in range(1, 17)} | {50257}):
+        out.append((f"logits fp32 K={K}", logits_call(1000, K, "fp32", 0, False, False)))
+    for dt in ("bf16", "fp16", "fp32"):
+        for final in (0, 1, 2):
+            for psi in (False, True):
+                for seed_tensor in (False, True):
+                    out.append((f"logits {dt} K=50257 final={final} psi={int(psi)} seed_ptr={int(seed_tensor)}",
+                                logits_call(65536, 50257, dt, final, psi, seed_tensor)))
+    for N in (1, 64):
+        for K in (2, 20, 40, 70, 128):
+            for D in (2, 20, 40, 64):
+                out.append((f"linear fp32 N={N} K={K} D={D}", linear_call(N, K, D, "fp32", 0, False, True, False)))
+    for dt in ("bf16", "fp16", "fp32"):
+        for final in (0, 1, 2):
+            for psi in (False, True):
+                for bias in (False, True):
+                    out.append((f"linear {dt} production final={final} psi={int(psi)} bias={int(bias)}",
+                                linear_call(65536, 50257, 768, dt, final, psi, bias, True)))
     return out
 
 
-def _rb_loss_configs() -> list[tuple[str, str, dict[str, str], dict[str, Any], int]]:
-    """Every (BLOCK_M, BLOCK_K) of kernels/rb_loss.py's launchers, in fp32, bf16 and fp16."""
+def _rb_loss_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Every (BLOCK_M, BLOCK_K) of kernels/rb_loss.py's launchers in fp32, bf16 and fp16, at a
+    chunk of the production shape (the op's GPU chunk of GPT-2 logits) and at small vocabularies."""
+    import torch
+
     from . import rb_loss as rb
 
     out = []
-    ks = [2**i for i in range(1, 17)]
-    for bm, bk in sorted({rb.stats_blocks(K, interpret=False) for K in ks}):
+
+    def call(N: int, K: int, dt: str, grad: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            logits, z = _meta(N, K, dtype=_dtype(dt)), _meta(N, dtype=torch.int64)
+            beta = _meta(N, dtype=torch.float32)
+            if grad:
+                return rb.rb_grad(logits, z, z, beta, _meta(9, N, dtype=torch.float32), _meta(5, N, dtype=torch.float32),
+                                  out=logits)
+            return rb.rb_stats(logits, z, z, beta)
+        return run
+
+    for K in sorted({2**i for i in range(1, 17)} | {50257}):
         for dt in ("fp32", "bf16", "fp16"):
-            sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "zt_ptr": "*i64", "x0_ptr": "*i64", "beta_ptr": "*fp32",
-                   "stats_ptr": "*fp32", "N": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-            out.append(("_rb_stats_kernel", f"{dt} M={bm} K={bk}", sig, {"BLOCK_M": bm, "BLOCK_K": bk}, 8))
-    for bm, bk in sorted({rb.grad_blocks(K, interpret=False) for K in ks}):
-        for dt in ("fp32", "bf16", "fp16"):
-            sig = {"logits_ptr": _PTR[dt], "stride_n": "i64", "grad_ptr": _PTR[dt], "stride_gn": "i64",
-                   "zt_ptr": "*i64", "x0_ptr": "*i64", "beta_ptr": "*fp32", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
-                   "N": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-            out.append(("_rb_grad_kernel", f"{dt} M={bm} K={bk}", sig, {"BLOCK_M": bm, "BLOCK_K": bk}, 4))
+            N = 2670 if K == 50257 else 1000
+            out.append((f"stats {dt} K={K}", call(N, K, dt, False)))
+            out.append((f"grad {dt} K={K}", call(N, K, dt, True)))
     return out
 
 
-def _relaxed_configs() -> list[tuple[str, str, dict[str, str], dict[str, Any], int]]:
-    """Every block configuration of kernels/relaxed_embedding.py's launchers; every flag and
-    dtype at the production shape (GPT-2 vocabulary, D = 768), fp32 RNG path elsewhere."""
-    from . import relaxed_embedding as re
+def _relaxed_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Every block configuration of kernels/relaxed_embedding.py's launchers; every flag and dtype
+    at the production shape (N = 16384 tokens, GPT-2 vocabulary, D = 768)."""
+    import torch
+
+    from . import relaxed_embedding as re_k
 
     out = []
-    ks, ns, ds = (20, 100, 600, 50257), (1, 100, 32768), (20, 70, 768)
-    for bm, bk in sorted({re.stats_blocks(K, interpret=False) for K in ks}):
-        for has_eps in (False, True):
-            sig = {"x0_ptr": "*i64", "at_ptr": "*fp32", "st_ptr": "*fp32", "eps_ptr": "*fp32", "stride_en": "i64",
-                   "zt_ptr": "*i64", "norm_ptr": "*fp32", "N": "i32", "K": "i32", "seed": "i64", "inv_tau": "fp32",
-                   "HAS_EPS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-            out.append(("_re_stats_kernel", f"M={bm} K={bk} eps={int(has_eps)}", sig,
-                        {"HAS_EPS": has_eps, "BLOCK_M": bm, "BLOCK_K": bk}, 4))
-    prod = (re.fwd_blocks(32768, 50257, 768, interpret=False), re.bwd_blocks(32768, 50257, 768, interpret=False))
-    flags = [(dt, sp, he) for dt in ("fp32", "bf16", "fp16") for sp in (False, True) for he in (False, True)]
-    for kernel, blocks_of, prod_blocks in (("_re_fwd_kernel", re.fwd_blocks, prod[0]),
-                                           ("_re_bwd_kernel", re.bwd_blocks, prod[1])):
-        for bm, bk, bd in sorted({blocks_of(N, K, D, interpret=False) for N in ns for K in ks for D in ds}):
-            for dt, sparse, has_eps in (flags if (bm, bk, bd) == prod_blocks else [("fp32", False, False)]):
-                if kernel == "_re_fwd_kernel":
-                    sig = {"x0_ptr": "*i64", "at_ptr": "*fp32", "st_ptr": "*fp32", "e_ptr": _PTR[dt], "stride_ek": "i64",
-                           "eps_ptr": "*fp32", "stride_en": "i64", "zt_ptr": "*i64", "norm_ptr": "*fp32",
-                           "h_ptr": _PTR[dt], "stride_hn": "i64"}
-                else:
-                    sig = {"x0_ptr": "*i64", "at_ptr": "*fp32", "st_ptr": "*fp32", "eps_ptr": "*fp32", "stride_en": "i64",
-                           "norm_ptr": "*fp32", "dh_ptr": _PTR[dt], "stride_dn": "i64", "de_ptr": "*fp32",
-                           "stride_dek": "i64"}
-                sig.update({"N": "i32", "K": "i32", "D": "i32", "seed": "i64", "inv_tau": "fp32", "delta": "fp32",
-                            "HAS_EPS": "constexpr", "SPARSE": "constexpr", "IEEE": "constexpr", "BLOCK_M": "constexpr",
-                            "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"})
-                const = {"HAS_EPS": has_eps, "SPARSE": sparse, "IEEE": dt == "fp32", "BLOCK_M": bm, "BLOCK_K": bk,
-                         "BLOCK_D": bd}
-                nw = re.warps(bm if kernel == "_re_fwd_kernel" else bk, bd)
-                out.append((kernel, f"{dt} M={bm} K={bk} D={bd} sparse={int(sparse)} eps={int(has_eps)}", sig, const, nw))
+
+    def call(N: int, K: int, D: int, dt: str, sparse: bool, has_eps: bool, backward: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            x0, at = _meta(N, dtype=torch.int64), _meta(N, dtype=torch.float32)
+            eps = _meta(N, K, dtype=torch.float32) if has_eps else None
+            if backward:
+                return re_k.relaxed_bwd(x0, at, at, _meta(2, N, dtype=torch.float32), _meta(N, D, dtype=_dtype(dt)), K,
+                                        1e-3, 2**61 + 7, sparse, eps)
+            return re_k.relaxed_fwd(x0, at, at, _meta(K, D, dtype=_dtype(dt)), 1e-3, 2**61 + 7, sparse, eps)
+        return run
+
+    for N in (1, 100, 32768):
+        for K in (20, 100, 600, 50257):
+            for D in (20, 70, 768):
+                for backward in (False, True):
+                    out.append((f"{'bwd' if backward else 'fwd'} fp32 N={N} K={K} D={D}",
+                                call(N, K, D, "fp32", True, False, backward)))
+    for dt in ("fp32", "bf16", "fp16"):
+        for sparse in (False, True):
+            for has_eps in (False, True):
+                for backward in (False, True):
+                    out.append((f"{'bwd' if backward else 'fwd'} {dt} production sparse={int(sparse)} "
+                                f"eps={int(has_eps)}", call(16384, 50257, 768, dt, sparse, has_eps, backward)))
     return out
 
 
-def configurations() -> list[tuple[str, str, str, dict[str, str], dict[str, Any], int]]:
-    """(module, kernel, label, signature, constexprs, num_warps) of every kernel configuration."""
-    return ([("sample_posterior", *c) for c in _sample_posterior_configs()]
-            + [("rb_loss", *c) for c in _rb_loss_configs()]
-            + [("relaxed_embedding", *c) for c in _relaxed_configs()])
+_CALLS = {"sample_posterior": _sample_posterior_calls, "rb_loss": _rb_loss_calls,
+          "relaxed_embedding": _relaxed_calls}
+
+
+def configurations(only: str | None = None) -> list[tuple[str, str, str, Any]]:
+    """(module, kernel, label, captured launch) of every distinct kernel configuration the
+    launchers pick: the real launchers called on meta tensors, their launches captured (not run).
+    Launches with the same block sizes, flags and argument types count once (the first one's
+    shapes, hence its divisibility specialisation, are compiled)."""
+    from .cost_model import capture_launches, specialization_key
+
+    out, seen = [], set()
+    for module, calls in _CALLS.items():
+        if only is not None and only not in module:
+            continue
+        for label, call in calls():
+            for launch in capture_launches(call):
+                key = (launch.kernel, specialization_key(launch, alignment=False))
+                if key not in seen:
+                    seen.add(key)
+                    out.append((module, launch.kernel, label, launch))
+    return out
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -152,36 +198,38 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return out
 
 
-def compile_one(cfg: tuple, arch: int = 90, warp_size: int = 32) -> dict[str, Any]:
-    import importlib
+def compile_one(cfg: tuple, arch: int = 90) -> dict[str, Any]:
+    """Compile one captured launch as the JIT would for ``sm_{arch}a``; registers, spills, shared memory."""
+    from .cost_model import jit_compile
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    module, kernel, label, sig, const, warps = cfg
-    fn = getattr(importlib.import_module(f"{__package__}.{module}"), kernel)
+    module, kernel, label, launch = cfg
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                                  target=GPUTarget("cuda", arch, warp_size), options={"num_warps": warps})
+        comp = jit_compile(launch, arch)
     except Exception as e:  # noqa: BLE001 - report every failing configuration
         return {"kernel": kernel, "config": label, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
     res = {"kernel": kernel, "config": label, "ok": True, "seconds": time.perf_counter() - t0,
-           "shared_bytes": int(getattr(compiled.metadata, "shared", 0)), "num_warps": warps}
-    res.update(_resources(compiled.asm["cubin"]))
+           "shared_bytes": comp["shared_bytes"], "num_warps": comp["num_warps"],
+           "constexprs": {k: v for k, v in comp["constexprs"].items() if k.isupper()},
+           "divisible_by_16": comp["divisible_by_16"]}
+    res.update(_resources(comp["cubin"]))
     return res
+
+
+def _compile_index(args: tuple[int, int, str | None]) -> dict[str, Any]:
+    i, arch, only = args
+    return compile_one(configurations(only)[i], arch)
 
 
 def compile_all(arch: int = 90, jobs: int = 1, only: str | None = None) -> list[dict[str, Any]]:
     """Compile every configuration (of the kernel modules whose name contains ``only``)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check must run without TRITON_INTERPRET=1")
-    cfgs = [c for c in configurations() if only is None or only in c[0]]
+    cfgs = configurations(only)
     if jobs <= 1:
         return [compile_one(c, arch) for c in cfgs]
-    with ProcessPoolExecutor(jobs) as pool:
-        return list(pool.map(compile_one, cfgs, [arch] * len(cfgs)))
+    with ProcessPoolExecutor(jobs) as pool:                  # launches do not pickle: workers rebuild them
+        return list(pool.map(_compile_index, [(i, arch, only) for i in range(len(cfgs))]))
 
 
 def resources_in_subprocess(only: str, arch: int = 90, jobs: int = 2) -> list[dict[str, Any]]:
@@ -203,10 +251,10 @@ def resources_in_subprocess(only: str, arch: int = 90, jobs: int = 2) -> list[di
 def print_results(results: list[dict[str, Any]]) -> None:
     for r in results:
         if r["ok"]:
-            print(f"ok   {r['kernel']:34s} {r['config']:44s} regs {r.get('registers', '?'):>4} "
+            print(f"ok   {r['kernel']:34s} {r['config'][:56]:56s} regs {r.get('registers', '?'):>4} "
                   f"stack {r.get('stack_bytes', '?'):>4} B smem {r['shared_bytes']:>6} B  {r['seconds']:.1f}s")
         else:
-            print(f"FAIL {r['kernel']:34s} {r['config']:44s} {r['error']}")
+            print(f"FAIL {r['kernel']:34s} {r['config'][:56]:56s} {r['error']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     failed = sum(not r["ok"] for r in results)
-    print(f"{len(results) - failed} compiled, {failed} failed, target sm_{args.arch}")
+    print(f"{len(results) - failed} compiled, {failed} failed, target sm_{args.arch}a")
     return 1 if failed else 0
 
 

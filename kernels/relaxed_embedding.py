@@ -89,8 +89,8 @@ def _weights(w, m_w, log_l, inv_tau):
     return tl.exp((w - m_w[:, None]) * inv_tau - log_l[:, None])
 
 
-@triton.jit
-def _re_stats_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, zt_ptr, norm_ptr, N, K, seed, inv_tau,
+@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
+def _re_stats_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, zt_ptr, norm_ptr, N, K, seed: tl.int64, inv_tau,
                      HAS_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
@@ -111,9 +111,9 @@ def _re_stats_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, zt_ptr, norm_pt
     tl.store(norm_ptr + N + rows, tl.log(l_i), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _re_fwd_kernel(x0_ptr, at_ptr, st_ptr, e_ptr, stride_ek, eps_ptr, stride_en, zt_ptr, norm_ptr, h_ptr, stride_hn,
-                   N, K, D, seed, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
+                   N, K, D, seed: tl.int64, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,9 +164,9 @@ def _re_fwd_kernel(x0_ptr, at_ptr, st_ptr, e_ptr, stride_ek, eps_ptr, stride_en,
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _re_bwd_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, dh_ptr, stride_dn, de_ptr, stride_dek,
-                   N, K, D, seed, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
+                   N, K, D, seed: tl.int64, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K

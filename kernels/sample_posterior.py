@@ -113,8 +113,8 @@ def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr,
     tl.store(out_ptr + rows, out.to(tl.int64), mask=rmask)
 
 
-@triton.jit
-def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, N, K, seed,
+@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
+def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, N, K, seed: tl.int64,
                              seed_ptr, FINAL: tl.constexpr, USE_PSI: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     if SEED_FROM_PTR:                       # a device tensor: new values per CUDA-graph replay
@@ -134,9 +134,9 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
     _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr,
-                                    out_ptr, N, K, D, seed, seed_ptr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
+                                    out_ptr, N, K, D, seed: tl.int64, seed_ptr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
                                     USE_PSI: tl.constexpr, IEEE: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     if SEED_FROM_PTR:
