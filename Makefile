@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.duo_fast-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint compat bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install lint
 # pyflakes, pycodestyle, import order, bugbear, pyupgrade (ruff.toml)
 lint: install
 	$(BIN)/ruff check .
+
+# the Triton versions setup.py admits, in throwaway venvs under .compat/ (slow: not in make test)
+compat: install
+	bench/compat.sh
 
 clean:
 	rm -rf runs $(VENV) build *.egg-info

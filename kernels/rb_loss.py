@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import cast, interpreting
 
 __all__ = ["rb_stats", "rb_grad", "stats_blocks", "grad_blocks", "NUM_STATS"]
 
@@ -113,7 +113,7 @@ def _rb_stats_kernel(logits_ptr, stride_n, zt_ptr, x0_ptr, beta_ptr, stats_ptr, 
 
 @triton.jit
 def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr, N, K,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < N
@@ -140,7 +140,7 @@ def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, b
     is_x = (cols[None, :] == x0[:, None]) & (zt != x0)[:, None]
     g += tl.where(is_i, ce_c[:, None] - p * cx[:, None],
                   tl.where(is_x, cx_c[:, None] - p * ce[:, None], -p * (ce + cx)[:, None]))
-    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :], cast(g, grad_ptr.dtype.element_ty, EMULATE),
              mask=mask)
 
 
@@ -215,6 +215,6 @@ def rb_grad(logits: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor, beta: torc
         return out
     bm, bk = blocks or grad_blocks(K)
     _rb_grad_kernel[(triton.cdiv(N, bm), triton.cdiv(K, bk))](logits, logits.stride(0), out, out.stride(0), zt, x0,
-                                                              beta, stats, coefs, N, K, BLOCK_M=bm, BLOCK_K=bk,
-                                                              num_warps=4)
+                                                              beta, stats, coefs, N, K, EMULATE=interpreting(),
+                                                              BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
     return out

@@ -21,8 +21,9 @@ scores: scores ``w / tau`` from a counter-based RNG (never stored), values the e
 Randomness: Philox keyed by ``seed`` with counters ``(vocabulary id, token, 2, 0)`` and a
 Box-Muller transform: the noise of a (token, id) pair does not depend on the block sizes, so the
 forward, the backward and the sparse pre-pass see the same ``eps``. ``HAS_EPS`` replaces the RNG
-by an explicit (N, K) tensor (tests). Dots: fp32 inputs use IEEE fp32, bf16/fp16 tensor cores
-with fp32 accumulation. This module never imports duo_fast.
+by an explicit (N, K) tensor (tests). Dots (``_common.mma``): fp32 inputs use IEEE fp32, bf16/fp16
+tensor cores with fp32 accumulation; the interpreter runs the same bf16 branch with only the dot
+emulated. This module never imports duo_fast.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_operands, interpreting
+from ._common import cast, interpreting, mma
 
 __all__ = ["relaxed_stats", "relaxed_fwd", "relaxed_bwd", "fwd_blocks", "stats_blocks", "bwd_blocks",
            "sparse_delta", "warps"]
@@ -114,6 +115,7 @@ def _re_stats_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, zt_ptr, norm_pt
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _re_fwd_kernel(x0_ptr, at_ptr, st_ptr, e_ptr, stride_ek, eps_ptr, stride_en, zt_ptr, norm_ptr, h_ptr, stride_hn,
                    N, K, D, seed: tl.int64, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
+                   EMULATE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,32 +143,27 @@ def _re_fwd_kernel(x0_ptr, at_ptr, st_ptr, e_ptr, stride_ek, eps_ptr, stride_en,
             p = tl.where(rmask[:, None], _weights(w, m_w, log_l, inv_tau), 0.0)
             if tl.max(tl.max(p, 1), 0) >= delta:            # otherwise every weight of the tile is dropped
                 e = tl.load(e_ptrs, mask=e_mask, other=0.0)
-                if IEEE:
-                    acc = tl.dot(p, e, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(p.to(e.dtype), e, acc)
+                acc = mma(cast(p, e.dtype, EMULATE), e, acc, IEEE, EMULATE)
         else:
             m_w, l_i, best_i, ps = _online_step(w, k0, m_w, l_i, best_i, inv_tau)
             p, scale = ps
             e = tl.load(e_ptrs, mask=e_mask, other=0.0)
             acc = acc * scale[:, None]
-            if IEEE:
-                acc = tl.dot(p, e, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(e.dtype), e, acc)
+            acc = mma(cast(p, e.dtype, EMULATE), e, acc, IEEE, EMULATE)
     if not SPARSE:
         acc = acc / l_i[:, None]
         if pid_d == 0:
             tl.store(zt_ptr + rows, best_i.to(tl.int64), mask=rmask)
             tl.store(norm_ptr + rows, m_w, mask=rmask)
             tl.store(norm_ptr + N + rows, tl.log(l_i), mask=rmask)
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + dd[None, :], acc.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + dd[None, :], cast(acc, h_ptr.dtype.element_ty, EMULATE),
              mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _re_bwd_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, dh_ptr, stride_dn, de_ptr, stride_dek,
                    N, K, D, seed: tl.int64, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
+                   EMULATE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
@@ -189,16 +186,10 @@ def _re_bwd_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, dh_ptr,
         if SPARSE:
             if tl.max(tl.max(p, 1), 0) >= delta:
                 dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-                if IEEE:
-                    acc = tl.dot(tl.trans(p), dh, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(tl.trans(p.to(dh.dtype)), dh, acc)
+                acc = mma(tl.trans(cast(p, dh.dtype, EMULATE)), dh, acc, IEEE, EMULATE)
         else:
             dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-            if IEEE:
-                acc = tl.dot(tl.trans(p), dh, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(p.to(dh.dtype)), dh, acc)
+            acc = mma(tl.trans(cast(p, dh.dtype, EMULATE)), dh, acc, IEEE, EMULATE)
     tl.store(de_ptr + cols.to(tl.int64)[:, None] * stride_dek + dd[None, :], acc, mask=cmask[:, None] & dmask[None, :])
 
 
@@ -275,8 +266,7 @@ def relaxed_fwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, embedding:
     N = _check(x0, at, st, eps, K)
     if embedding.stride(1) != 1:
         raise ValueError("embedding needs unit stride along D")
-    out_dtype = embedding.dtype
-    (emb,) = dot_operands(embedding)
+    emb = embedding
     h0 = torch.empty((N, D), dtype=emb.dtype, device=x0.device)
     if sparse:
         zt, norm = relaxed_stats(x0, at, st, K, tau, seed, eps, None if blocks is None else blocks[1])
@@ -288,8 +278,9 @@ def relaxed_fwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, embedding:
         _re_fwd_kernel[(triton.cdiv(N, bm), triton.cdiv(D, bd))](
             x0, at, st, emb, emb.stride(0), eps if eps is not None else at, 0 if eps is None else eps.stride(0), zt,
             norm, h0, h0.stride(0), N, K, D, seed, 1.0 / tau, sparse_delta(K), HAS_EPS=eps is not None, SPARSE=sparse,
-            IEEE=emb.dtype == torch.float32, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps(bm, bd))
-    return h0.to(out_dtype), zt, norm
+            IEEE=emb.dtype == torch.float32, EMULATE=interpreting(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
+            num_warps=warps(bm, bd))
+    return h0, zt, norm
 
 
 def relaxed_bwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torch.Tensor, dh: torch.Tensor, K: int,
@@ -300,12 +291,12 @@ def relaxed_bwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torc
     D = dh.shape[1]
     if dh.shape != (N, D) or dh.stride(1) != 1:
         raise ValueError(f"dh must be ({N}, D) with unit stride along D")
-    (dh,) = dot_operands(dh)
     de = torch.zeros((K, D), dtype=torch.float32, device=dh.device)
     if N:
         bm, bk, bd = blocks or bwd_blocks(N, K, D)
         _re_bwd_kernel[(triton.cdiv(K, bk), triton.cdiv(D, bd))](
             x0, at, st, eps if eps is not None else at, 0 if eps is None else eps.stride(0), norm, dh, dh.stride(0), de,
             de.stride(0), N, K, D, seed, 1.0 / tau, sparse_delta(K), HAS_EPS=eps is not None, SPARSE=sparse,
-            IEEE=dh.dtype == torch.float32, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps(bk, bd))
+            IEEE=dh.dtype == torch.float32, EMULATE=interpreting(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
+            num_warps=warps(bk, bd))
     return de

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_operands, interpreting
+from ._common import interpreting, mma
 
 __all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "logits_blocks", "linear_blocks"]
 
@@ -137,7 +137,8 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr,
                                     out_ptr, N, K, D, seed: tl.int64, seed_ptr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
-                                    USE_PSI: tl.constexpr, IEEE: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                                    USE_PSI: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+                                    SEED_FROM_PTR: tl.constexpr,
                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     if SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
@@ -156,10 +157,7 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
             hb = tl.load(h_rows + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
             wb = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dd[None, :],
                          mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(hb, tl.trans(wb), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(hb, tl.trans(wb), acc)
+            acc = mma(hb, tl.trans(wb), acc, IEEE, EMULATE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         logit = tl.where(cmask[None, :], acc, float("-inf"))
@@ -259,12 +257,12 @@ def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: tor
     out = torch.empty(N, dtype=torch.int64, device=h.device)
     if N == 0:
         return out
-    h, weight, bias = dot_operands(h, weight, bias)       # fp32 in the interpreter (see kernels/_common.py)
     bn, bk, bd = linear_blocks(N, K, D)
     seed, seed_ptr = _seed_args(seed, h.device)
     _sample_posterior_linear_kernel[(triton.cdiv(N, bn),)](
         h, h.stride(0), weight, weight.stride(0), bias if bias is not None else weight, zt, a_s, a_t,
         kappa if kappa is not None else a_t, out, N, K, D, seed, seed_ptr if seed_ptr is not None else zt,
         HAS_BIAS=bias is not None, FINAL=final, USE_PSI=kappa is not None, IEEE=h.dtype == torch.float32,
+        EMULATE=interpreting(),
         SEED_FROM_PTR=seed_ptr is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
     return out

@@ -79,6 +79,40 @@ def test_matches_float64_reference_bf16(impl, mode):
     assert ((Eb.grad.double().cpu() - E64.grad).norm() / E64.grad.norm()).item() <= 2e-2
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("tau", [1e-1, 1e-3])
+def test_bf16_branch_error_is_within_twice_pytorch_bf16(mode, tau):
+    """The kernels' bf16 branch (bf16 loads, the weights cast to bf16, a bf16 x bf16 -> fp32 dot,
+    bf16 stores: the code an H100 runs; only the dot is emulated in the interpreter) against the
+    float64 reference: its error is at most twice that of the same computation in PyTorch bf16
+    (softmax weights cast to bf16, bf16 matmul), for h0 and for d embedding."""
+    x0, gamma, E, eps = _case(2, 23, 601, 72, seed=11)
+    dev = impl_device("triton")
+    Eb = E.bfloat16()
+    E64 = Eb.double().requires_grad_()
+    dh = torch.randn(2, 23, 72, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    h_ref, _ = ref.relaxed_embedding_ref(x0, gamma, tau, E64, eps=eps)
+    (h_ref * dh.double()).sum().backward()
+    # the same computation in PyTorch bf16
+    w = ref.gaussian_latents_ref(x0, gamma, 601, eps=eps, dtype=torch.float64)
+    P = torch.softmax(w / tau, dim=-1).bfloat16()
+    h_torch = P @ Eb
+    dE_torch = (P.reshape(-1, 601).transpose(0, 1) @ dh.reshape(-1, 72)).float()
+    Ek = Eb.clone().to(dev).requires_grad_()
+    h, _ = relaxed_embedding(x0.to(dev), gamma.to(dev), tau, Ek, seed=0, mode=mode, eps=eps.float().to(dev),
+                             impl="triton")
+    (h.float() * dh.float().to(dev)).sum().backward()
+    assert h.dtype == torch.bfloat16 and Ek.grad.dtype == torch.bfloat16
+
+    def err(x, truth):
+        return ((x.double().cpu() - truth).norm() / truth.norm()).item()
+
+    h_truth, g_truth = h_ref.detach(), E64.grad
+    for what, ours, theirs in (("h0", err(h, h_truth), err(h_torch, h_truth)),
+                               ("d embedding", err(Ek.grad, g_truth), err(dE_torch.bfloat16(), g_truth))):
+        assert ours <= 2 * theirs + 1e-7, f"{what}: kernel {ours:.2e} vs PyTorch bf16 {theirs:.2e}"
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_kernels_at_gpu_block_sizes(sparse):
     """The kernels at the tiles the dispatcher picks on a GPU (many small programs), explicit noise."""
