@@ -49,8 +49,12 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
-        "torch>=2.4",            # the GPU machines have 2.11; the Makefile installs 2.13.0 when none is present
-        "triton>=3.1",
+        # Triton 3.3.1, 3.4.0, 3.6.0 and 3.9.0 are checked by `make compat` / `make test` (every kernel
+        # configuration compiled for sm_90a as the JIT builds it, and the interpreter kernel tests; before
+        # 3.9 the interpreter needs numpy < 2.4). Triton 3.2 and older fail. torch 2.7 is the first
+        # release whose CUDA build pins a Triton >= 3.3; CI runs torch 2.13.0.
+        "torch>=2.7",
+        "triton>=3.3.1",
         "numpy",
         "scipy",
         "safetensors",

@@ -124,6 +124,24 @@ class _PointerProbe:
         return self._ptr
 
 
+def _pack_args(fn: Any, backend: Any, kwargs: dict, bound: dict, specialization: list, options: Any) -> tuple:
+    """(options, signature, constexprs, attrs) as ``JITFunction.run`` derives them: its own method
+    where Triton has one (3.4 and later), the same steps written out for Triton 3.3."""
+    if hasattr(fn, "_pack_args"):
+        return fn._pack_args(backend, kwargs, bound, specialization, options)
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [x[0] for x in specialization]
+    signature = dict(zip([p.name for p in fn.params], sigvals))
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+    attrvals = [x[1] for x in specialization]
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k))
+             for k in find_paths_if(attrvals, lambda _, x: isinstance(x, str))}
+    return options, signature, constexprs, attrs
+
+
 def jit_compile(launch: Launch, arch: int = 90) -> dict[str, Any]:
     """The specialisation the JIT applies to ``launch`` on ``sm_{arch}a``, and its compiled kernel."""
     import torch
@@ -137,8 +155,8 @@ def jit_compile(launch: Launch, arch: int = 90) -> dict[str, Any]:
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     args = [_PointerProbe(a) if isinstance(a, torch.Tensor) else a for a in launch.args]
     bound, specialization, options = binder(*args, **launch.kwargs)
-    options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound, specialization,
-                                                                 options)
+    options, signature, constexprs, attrs = _pack_args(launch.fn, backend, launch.kwargs, bound, specialization,
+                                                       options)
     compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
     names = [p.name for p in launch.fn.params]
