@@ -24,7 +24,7 @@ install: $(STAMP)
 # distribution, where the greedy tail (the default of `duo-fast sample`) collapses onto one token.
 DEMO_SAMPLE = $(BIN)/duo-fast sample --checkpoint runs/demo/export --batch 8 --seed 0 --noise-removal ancestral
 demo: install
-	$(BIN)/duo-fast train --preset demo --out runs/demo
+	$(BIN)/duo-fast train --preset demo --out runs/demo --overwrite   # a previous demo run is moved aside, not deleted
 	$(DEMO_SAMPLE) --steps 8 --out runs/demo/samples-8.jsonl
 	$(DEMO_SAMPLE) --steps 64 --out runs/demo/samples-64.jsonl
 
