@@ -7,8 +7,9 @@
   passed to ``transformers.AutoTokenizer.from_pretrained`` (hub name or local folder).
 * ``load_text_documents(source)``: ``datasets``-based loading of hub corpora (``openwebtext``,
   ``wikitext103``, ``lm1b``) and of local ``.txt`` / ``.jsonl`` files.
-* ``wrap_blocks(...)``: documents -> ``[BOS] doc [EOS]`` concatenated and cut into ``(N, L)`` blocks
-  (docs/math.md section 8: every block fully valid, no padding).
+* ``wrap_blocks(...)``: documents -> ``(N, L)`` blocks by the public code's rule (each document
+  followed by EOS, concatenated per batch of 1,000 documents, chunks of ``L - 2`` framed as
+  ``[BOS] chunk [EOS]``; docs/math.md section 8: every block fully valid, no padding).
 """
 
 from __future__ import annotations
@@ -71,9 +72,14 @@ def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str 
 
 
 def load_local_tokenizer(path: str | Path) -> Any:
+    """A tokenizer folder or hub name, with a ``[PAD]`` token added when it has none (as the public
+    code does: GPT-2 then has 50258 ids, the vocabulary of the public GPT-2 checkpoints)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD})
+    return tok
 
 
 def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
@@ -97,9 +103,11 @@ def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
 
 def check_tokenizer_vocab(tokenizer: Any, vocab_size: int) -> None:
     """The model's vocabulary must be the tokenizer's, or one larger (public GPT-2 models add a
-    token); anything else means a mismatched tokenizer."""
+    token), or one smaller when the last id is the ``[PAD]`` that duo_fast added to a tokenizer
+    without one (a K = 50257 GPT-2 model); anything else means a mismatched tokenizer."""
     n = len(tokenizer)
-    if vocab_size not in (n, n + 1):
+    added_pad = getattr(tokenizer, "pad_token", None) == PAD and getattr(tokenizer, "pad_token_id", None) == n - 1
+    if vocab_size not in (n, n + 1) and not (added_pad and vocab_size == n - 1):
         raise ValueError(f"tokenizer has {n} tokens but the model's vocabulary is {vocab_size}: "
                          "they do not belong together (pass the tokenizer the model was trained with)")
 
@@ -127,17 +135,30 @@ def blocks_from_documents(tokenizer: Any, documents: Sequence[str], length: int)
     return wrap_blocks(tokenize_documents(tokenizer, documents), length, bos, eos)
 
 
-def wrap_blocks(token_lists: Iterable[Sequence[int]], length: int, bos_id: int, eos_id: int) -> torch.Tensor:
-    """Concatenate ``[BOS] doc [EOS]`` for every document and cut into blocks of ``length``;
-    the incomplete tail is dropped. Returns (N, length) int64."""
-    pieces = [np.asarray([bos_id, *ids, eos_id], dtype=np.int64) for ids in token_lists]
-    if not pieces:
+def wrap_blocks(token_lists: Iterable[Sequence[int]], length: int, bos_id: int, eos_id: int,
+                batch_docs: int = 1000) -> torch.Tensor:
+    """The public code's wrapping: each document's ids followed by EOS; within each batch of
+    ``batch_docs`` documents (``datasets.map(batched=True)``'s default, single process) the ids are
+    concatenated and cut into chunks of ``length - 2``, the batch's remainder dropped; every block
+    is ``[BOS] + chunk + [EOS]``. Returns (N, length) int64; every block fully valid."""
+    if length < 3:
+        raise ValueError(f"wrapped blocks need length >= 3 (BOS, tokens, EOS), got {length}")
+    chunk = length - 2
+    docs = [list(ids) for ids in token_lists]
+    if not docs:
         raise ValueError("no documents to wrap")
-    flat = np.concatenate(pieces)
-    n = flat.size // length
-    if n == 0:
-        raise ValueError(f"corpus has {flat.size} tokens, fewer than one block of length {length}")
-    return torch.from_numpy(flat[: n * length].reshape(n, length).copy())
+    rows: list[np.ndarray] = []
+    for start in range(0, len(docs), batch_docs):
+        flat = np.fromiter((t for ids in docs[start:start + batch_docs] for t in (*ids, eos_id)), dtype=np.int64)
+        n = flat.size // chunk
+        if n:
+            body = flat[: n * chunk].reshape(n, chunk)
+            rows.append(np.concatenate([np.full((n, 1), bos_id), body, np.full((n, 1), eos_id)], axis=1))
+    if not rows:
+        total = sum(len(d) + 1 for d in docs)
+        raise ValueError(f"corpus has {total} tokens, fewer than one block of length {length} in any batch of "
+                         f"{batch_docs} documents")
+    return torch.from_numpy(np.concatenate(rows))
 
 
 _HUB = {
@@ -231,6 +252,16 @@ def hub_error(source: str, e: BaseException) -> ValueError:
 
 
 def _hub_documents(datasets: Any, source: str, name: str, config: str | None, field: str, split: str) -> list[str]:
+    """Documents of a hub corpus with the public code's splits and detokenisers: LM1B's
+    validation is its test split; LM1B and WikiText are detokenised for training too."""
+    from ..evaluate import DETOKENIZERS
+
+    detok = {"lm1b": "lm1b", "wikitext103": "wikitext", "wikitext2": "wikitext"}.get(source)
+    docs = _hub_split(datasets, source, name, config, field, "test" if source == "lm1b" and split != "train" else split)
+    return [DETOKENIZERS[detok](d) for d in docs] if detok else docs
+
+
+def _hub_split(datasets: Any, source: str, name: str, config: str | None, field: str, split: str) -> list[str]:
     if source == "openwebtext":
         ds = datasets.load_dataset(name, split="train")
         n = len(ds)
