@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from .resume import (
     set_generator_states,
     write_checkpoint,
 )
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, exit_after_checkpoint, micro_seed
 from .ttable import TTable
 
 __all__ = ["DistillConfig", "distill", "dcd_gap", "DISTILL_PRESETS"]
@@ -321,10 +320,7 @@ class _DistillRun:
                 if stopping or saving:
                     path = self.checkpoint(step)
                     if stopping:
-                        if self.rank == 0:
-                            print(f"duo-fast distill: signal {stop.signum or 'on another rank'} at step {step}: "
-                                  f"checkpoint {path}; run the same command to continue")
-                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                        exit_after_checkpoint("distill", stop.signum, step, path, self.rank == 0)
         finally:
             stop.restore()
             if self.log is not None:

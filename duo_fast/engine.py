@@ -91,6 +91,11 @@ def _fused_adamw_ok(params: list[nn.Parameter]) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
+def _fold(acc: torch.Tensor | None, bad: torch.Tensor | None) -> torch.Tensor | None:
+    """OR of the micro-batches' device flags so far."""
+    return bad if acc is None else acc if bad is None else acc | bad
+
+
 def _skip_flag(bad: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Tensor | None:
     """A float 0-d device tensor, 1 when the step must be skipped (all-reduced over ranks)."""
     import torch.distributed as dist
@@ -127,8 +132,7 @@ class TorchEngine:
     def step(self, bad: torch.Tensor | None = None) -> bool:
         """``bad``: a device bool, True when this micro-batch's loss is unusable."""
         self._micro += 1
-        if bad is not None:
-            self._bad = bad if self._bad is None else self._bad | bad
+        self._bad = _fold(self._bad, bad)
         if self._micro % self.accum:
             return False
         limit = self.grad_clip if self.grad_clip > 0 else math.inf
@@ -208,8 +212,7 @@ class DeepSpeedEngine:
         by all ranks; the gradient norm is DeepSpeed's own (non-finite gradients with a finite
         loss are not detected here: DeepSpeed checks overflow only in fp16 mode)."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if bad is not None:
-            self._bad = bad if self._bad is None else self._bad | bad
+        self._bad = _fold(self._bad, bad)
         if boundary:
             flag = _skip_flag(self._bad, None)
             base = getattr(self.opt, "optimizer", self.opt)          # ZeRO wraps the torch optimizer

@@ -21,6 +21,7 @@ list of values, other records ``{"__class__": name, "args": ..., "state": ...}``
 
 from __future__ import annotations
 
+import builtins
 import pickle
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,7 @@ def _newobj(cls: Any, *args: Any) -> Any:
 
 _PLAIN_BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
                    "bytearray", "bool", "slice", "range", "object")
-_PLAIN_TYPES = tuple(__builtins__[n] if isinstance(__builtins__, dict) else getattr(__builtins__, n)
-                     for n in _PLAIN_BUILTINS)
+_PLAIN_TYPES = tuple(getattr(builtins, n) for n in _PLAIN_BUILTINS)
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .data.blocks import BlockOrder
 
-__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop"]
+__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -134,3 +134,14 @@ def agreed_stop(local: bool) -> bool:
         flag += 1
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
     return bool(flag.numpy()[0])
+
+
+def exit_after_checkpoint(command: str, signum: int | None, step: int, path: Any, rank0: bool) -> None:
+    """After the stop checkpoint: say where it is (rank 0) and exit with ``128 + signal``
+    (SIGTERM's when the signal reached another rank only)."""
+    import signal
+
+    if rank0:
+        print(f"duo-fast {command}: signal {signum or 'on another rank'} at step {step}: checkpoint {path}; "
+              f"run the same command to continue")
+    raise SystemExit(128 + (signum or signal.SIGTERM))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from .resume import (
     set_generator_states,
     write_checkpoint,
 )
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, micro_seed
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, exit_after_checkpoint, micro_seed
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "tau_at", "resolve_device",
@@ -504,10 +503,7 @@ class _TrainRun:
                 if stopping or saving:
                     path = tr.save_checkpoint(self.ckpt_root, step, self.metrics)
                     if stopping:
-                        if self.rank0:
-                            print(f"duo-fast train: signal {stop.signum or 'on another rank'} at step {step}: "
-                                  f"checkpoint {path}; run the same command to continue")
-                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                        exit_after_checkpoint("train", stop.signum, step, path, self.rank0)
                     self.t_interval = time.perf_counter()
         finally:
             stop.restore()

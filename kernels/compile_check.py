@@ -25,13 +25,9 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from .cost_model import _meta  # meta tensors of the launch shapes, shared with the cost model
+
 __all__ = ["configurations", "compile_one", "compile_all", "print_results", "resources_in_subprocess"]
-
-def _meta(*shape: int, dtype: Any) -> Any:
-    import torch
-
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
 
 _DT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -95,9 +95,9 @@ def capture_launches(call: Callable[[], Any]) -> list[Launch]:
     return seen
 
 
-def specialization_key(launch: Launch, arch: int = 90, alignment: bool = True) -> str:
-    """The JIT's cache key material for ``launch``: argument types and specialisations, options
-    (``alignment=False``: types and constexprs only, without the divisibility marks)."""
+def _bind(launch: Launch, arch: int) -> tuple[Any, dict, list, Any]:
+    """(backend, bound arguments, specialisation, options) of ``launch`` from Triton's own binder
+    for ``sm_{arch}a``, tensors given as aligned pointer probes."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -106,7 +106,14 @@ def specialization_key(launch: Launch, arch: int = 90, alignment: bool = True) -
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     args = [_PointerProbe(a) if isinstance(a, torch.Tensor) else a for a in launch.args]
-    _, specialization, options = binder(*args, **launch.kwargs)
+    bound, specialization, options = binder(*args, **launch.kwargs)
+    return backend, bound, specialization, options
+
+
+def specialization_key(launch: Launch, arch: int = 90, alignment: bool = True) -> str:
+    """The JIT's cache key material for ``launch``: argument types and specialisations, options
+    (``alignment=False``: types and constexprs only, without the divisibility marks)."""
+    _, _, specialization, options = _bind(launch, arch)
     if not alignment:
         specialization = [(t, v) if t == "constexpr" else (t,) for t, v in specialization]
     return repr((specialization, sorted(options.items())))
@@ -144,17 +151,12 @@ def _pack_args(fn: Any, backend: Any, kwargs: dict, bound: dict, specialization:
 
 def jit_compile(launch: Launch, arch: int = 90) -> dict[str, Any]:
     """The specialisation the JIT applies to ``launch`` on ``sm_{arch}a``, and its compiled kernel."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
-    args = [_PointerProbe(a) if isinstance(a, torch.Tensor) else a for a in launch.args]
-    bound, specialization, options = binder(*args, **launch.kwargs)
+    backend, bound, specialization, options = _bind(launch, arch)
     options, signature, constexprs, attrs = _pack_args(launch.fn, backend, launch.kwargs, bound, specialization,
                                                        options)
     compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
@@ -586,9 +588,6 @@ def report(arch: int = 90, only: str | None = None) -> dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the cost model compiles real kernels: run it without TRITON_INTERPRET=1")
     ops = op_reports(arch, only)
-    for o in ops:
-        for s in o["ours"]:
-            s.pop("signature", None) if s.get("kind") != "triton" else None
     return {"label": "STATIC ESTIMATES for an H100 SXM from compiled SASS; not measurements",
             "constants": H100, "constant_notes": H100_NOTES, "shapes": SHAPES, "arch": f"sm_{arch}a",
             "ops": ops, "whole_step": whole_step(ops) if only is None else []}
