@@ -47,13 +47,18 @@ def _sample_posterior_calls() -> list[tuple[str, Callable[[], Any]]]:
 
     out = []
 
-    def logits_call(N: int, K: int, dt: str, final: int, psi: bool, seed_tensor: bool) -> Callable[[], Any]:
+    def logits_call(N: int, K: int, dt: str, final: int, psi: bool, seed_tensor: bool,
+                    cut: bool = False) -> Callable[[], Any]:
         def call() -> Any:
             a = _meta(N, dtype=torch.float64)
             seed = _meta(1, dtype=torch.int64) if seed_tensor else 2**61 + 7
             return sp.sample_posterior_fwd(_meta(N, K, dtype=_dtype(dt)), _meta(N, dtype=torch.int64), a, a,
-                                           a if psi else None, seed, final)
+                                           a if psi else None, seed, final,
+                                           cut=_meta(N, dtype=torch.float32) if cut else None)
         return call
+
+    def cut_call(N: int, K: int, dt: str) -> Callable[[], Any]:
+        return lambda: sp.nucleus_cut_fwd(_meta(N, K, dtype=_dtype(dt)), 0.9)
 
     def linear_call(N: int, K: int, D: int, dt: str, final: int, psi: bool, bias: bool,
                     seed_tensor: bool) -> Callable[[], Any]:
@@ -73,6 +78,13 @@ def _sample_posterior_calls() -> list[tuple[str, Callable[[], Any]]]:
                 for seed_tensor in (False, True):
                     out.append((f"logits {dt} K=50257 final={final} psi={int(psi)} seed_ptr={int(seed_tensor)}",
                                 logits_call(65536, 50257, dt, final, psi, seed_tensor)))
+        for final in (0, 1):
+            for psi in (False, True):
+                out.append((f"logits {dt} K=50257 nucleus final={final} psi={int(psi)}",
+                            logits_call(65536, 50257, dt, final, psi, True, cut=True)))
+        out.append((f"nucleus cut {dt} K=50257", cut_call(65536, 50257, dt)))
+    for K in (2, 20, 1000, 4096):
+        out.append((f"nucleus cut fp32 K={K}", cut_call(100, K, "fp32")))
     for N in (1, 64):
         for K in (2, 20, 40, 70, 128):
             for D in (2, 20, 40, 64):

@@ -340,9 +340,10 @@ def _triton_step(name: str, call: Callable[[], Any], model: Callable[[Launch], d
     return out
 
 
-def _posterior_linear(dtype_name: str, arch: int) -> dict[str, Any]:
+def _posterior_linear(dtype_name: str, arch: int, psi: bool = False) -> dict[str, Any]:
     """``dtype_name``: the parameters'. On CUDA the denoiser's hidden state is bf16 (autocast), and
-    ``ops.sample_posterior_linear`` casts the weight to it: fp32 parameters add that cast."""
+    ``ops.sample_posterior_linear`` casts the weight to it: fp32 parameters add that cast. ``psi``:
+    the Psi mixture (a per-token kappa read, the same single pass)."""
     import torch
 
     from . import sample_posterior as sp
@@ -368,11 +369,57 @@ def _posterior_linear(dtype_name: str, arch: int) -> dict[str, Any]:
     if dtype_name == "fp32":           # the op casts the fp32 weight to the hidden state's dtype each call
         steps.append(_pass("weight cast fp32 -> bf16", K * D, 4 + 2))
     steps += _triton_step("posterior + projection",
-                          lambda: sp.sample_posterior_linear_fwd(h, w, b, zt, a, a, None, seed, 0), model, arch)
+                          lambda: sp.sample_posterior_linear_fwd(h, w, b, zt, a, a, a if psi else None, seed, 0), model,
+                          arch)
     floor = max(2.0 * N * K * D / H100["bf16_flops"], (N * D * es + K * D * es) / H100["hbm_bytes_per_s"]) * 1e3
     ref = [_gemm("logits = h W^T (bf16 autocast)", N, K, D),
            *_public_posterior_passes(N * K)]
-    return {"op": "posterior step + projection", "dtype": dtype_name, "N": N, "ours": steps, "reference": ref,
+    if psi:            # the public Psi step: a second float64 posterior (s = 0), its forward noising, the mix
+        nk = N * K
+        ref += [_pass("posterior at s = 0 (float64, elementwise)", nk, 9 * 16), _pass("a_s q0 + (1 - a_s)/K", nk, 16),
+                _pass("kappa q + (1 - kappa) pc", nk, 3 * 16)]
+    return {"op": "posterior step + projection" + (" (Psi)" if psi else ""), "dtype": dtype_name, "N": N,
+            "ours": steps, "reference": ref, "floor_ms": floor}
+
+
+def _posterior_nucleus(arch: int) -> dict[str, Any]:
+    """Nucleus sampling (top-p 0.9) of one step from the hidden state, bf16: the logits are written
+    (one GEMM), each row's cut found by bisection (33 passes over the row: counted as HBM reads,
+    no L2 reuse assumed) and the logits kernel draws above the cut. Reference: the public
+    ``top_k_top_p_filtering`` on float64 log-probabilities (a sort of 64-bit keys and int64 ids)
+    and its float64 posterior."""
+    import torch
+
+    from . import sample_posterior as sp
+
+    N, K, D = SHAPES["N_sample"], SHAPES["K"], SHAPES["D"]
+    nk = N * K
+    logits = _meta(N, K, dtype=torch.bfloat16)
+    zt, a = _meta(N, dtype=torch.int64), _meta(N, dtype=torch.float64)
+    cut, seed = _meta(N, dtype=torch.float32), _meta(1, dtype=torch.int64)
+
+    def cut_model(launch: Launch) -> dict[str, Any]:
+        bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
+        return {"trips": [33, math.ceil(K / bk)], "flops": 0.0, "hbm_bytes": 34 * nk * 2 + N * 4,
+                "elements_per_iteration": bm * bk,
+                "assumption": "33 bisection passes + 1 log-sum-exp pass, each re-reading the rows from HBM"}
+
+    def draw_model(launch: Launch) -> dict[str, Any]:
+        bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
+        return {"trips": [math.ceil(K / bk)], "flops": 0.0, "hbm_bytes": nk * 2 + N * 36, "elements_per_iteration": bm * bk}
+
+    ours = [_gemm("logits = h W^T (bf16)", N, K, D),
+            *_triton_step("nucleus cut", lambda: sp.nucleus_cut_fwd(logits, 0.9), cut_model, arch),
+            *_triton_step("posterior above the cut",
+                          lambda: sp.sample_posterior_fwd(logits, zt, a, a, None, seed, 0, cut=cut), draw_model, arch)]
+    ref = [_gemm("logits = h W^T (bf16 autocast)", N, K, D), _pass("log_softmax (fp32)", nk, 2 + 4),
+           _pass("to float64", nk, 4 + 8), _pass("sort: 8 radix passes over float64 keys + int64 ids", nk, 8 * 32),
+           _pass("softmax (float64)", nk, 16), _pass("cumsum", nk, 16), _pass("> top_p, shift", nk, 8 + 1 + 2),
+           _pass("scatter the mask", nk, 1 + 8 + 1), _pass("masked fill", nk, 8 + 1 + 8), _pass("exp", nk, 16),
+           _pass("sum, divide, log (renormalise)", nk, 3 * 16), _pass("exp", nk, 16),
+           *_public_posterior_passes(nk)[3:]]
+    floor = max(2.0 * N * K * D / H100["bf16_flops"], (N * D * 2 + K * D * 2) / H100["hbm_bytes_per_s"]) * 1e3
+    return {"op": "posterior step + projection, nucleus 0.9", "dtype": "bf16", "N": N, "ours": ours, "reference": ref,
             "floor_ms": floor}
 
 
@@ -521,6 +568,8 @@ def op_reports(arch: int = 90, only: str | None = None) -> list[dict[str, Any]]:
         ("sample_posterior", lambda: _posterior_linear("bf16", arch)),
         ("sample_posterior", lambda: _posterior_linear("fp32", arch)),
         ("sample_posterior", lambda: _posterior_logits(arch)),
+        ("sample_posterior", lambda: _posterior_linear("bf16", arch, psi=True)),
+        ("sample_posterior", lambda: _posterior_nucleus(arch)),
         ("rb_loss", lambda: _rb_loss_linear("bf16", arch)),
         ("rb_loss", lambda: _rb_loss_linear("fp32", arch)),
         ("relaxed_embedding", lambda: _relaxed("bf16", False, arch)),

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import interpreting, mma
 
-__all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "logits_blocks", "linear_blocks"]
+__all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks"]
 
 _GUMBEL_STREAM = 0
 _MIX_STREAM = 1
@@ -114,8 +114,9 @@ def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr,
 
 
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
-def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, N, K, seed: tl.int64,
-                             seed_ptr, FINAL: tl.constexpr, USE_PSI: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, cut_ptr, out_ptr, N, K,
+                             seed: tl.int64, seed_ptr, FINAL: tl.constexpr, USE_PSI: tl.constexpr,
+                             HAS_CUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     if SEED_FROM_PTR:                       # a device tensor: new values per CUDA-graph replay
         seed = tl.load(seed_ptr)
@@ -123,15 +124,65 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
     rmask = rows < N
     base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    cut = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    if HAS_CUT:                             # nucleus: only logits >= the row's cut take part
+        cut = tl.load(cut_ptr + rows, mask=rmask, other=float("-inf"))
     m_i, s_i, best_v, best_i, l_i = _initial_state(BLOCK_M)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
         raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        logit = tl.where(cmask[None, :], raw, float("-inf"))
+        logit = tl.where(cmask[None, :] & (raw >= cut[:, None]), raw, float("-inf"))
         m_i, s_i, best_v, best_i, l_i = _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
                                                        FINAL)
     _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
+
+
+@triton.jit
+def _order_key(x):
+    """float32 -> int64 with the order of the floats (sign-magnitude bits to two's complement)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _nucleus_cut_kernel(logits_ptr, stride_n, cut_ptr, N, K, top_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per row, the nucleus cut without a sort: the smallest logit ``c`` such that the softmax
+    mass of the logits strictly above ``c`` is <= top_p (the public rule: an id is kept when the
+    mass sorted before it is <= top_p). A bisection over the 2^32 order keys of float32 (33
+    halvings, exact): ``S(v) = mass of keys > v`` only changes at the row's keys, so the smallest
+    ``v`` with ``S(v) <= top_p`` is a logit of the row. Masses are summed per tile in float32 and
+    across tiles in float64."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):                                  # log-sum-exp of the row
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ok = rmask[:, None] & (cols < K)[None, :]
+        x = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(rmask, m_i + tl.log(tl.where(rmask, s_i, 1.0)), 0.0)
+    lo = tl.full((BLOCK_M,), -2147483649, tl.int64)                  # below every key: S(lo) = 1 > top_p
+    hi = tl.where(rmask, _order_key(tl.where(rmask, m_i, 0.0)), 0)   # the row's maximum: S(hi) = 0
+    for _ in range(33):
+        mid = lo + (hi - lo) // 2
+        above = tl.zeros((BLOCK_M,), tl.float64)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = rmask[:, None] & (cols < K)[None, :]
+            x = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+            p = tl.where(_order_key(x) > mid[:, None], tl.exp(x - lse[:, None]), 0.0)
+            above += tl.sum(p, 1).to(tl.float64)
+        fits = above <= top_p
+        hi = tl.where(fits, mid, hi)
+        lo = tl.where(fits, lo, mid)
+    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.int32)
+    tl.store(cut_ptr + rows, bits.to(tl.float32, bitcast=True), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
@@ -216,12 +267,31 @@ def _seed_args(seed: int | torch.Tensor, device: torch.device) -> tuple[int, tor
     return int(seed), None
 
 
+def nucleus_cut_fwd(logits: torch.Tensor, top_p: float, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """logits (N, K) fp32/bf16/fp16 with unit stride along K -> (N,) float32 cut: the nucleus of
+    a row is its logits >= the cut (no sort: a bisection over float32 order keys)."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be 2-d with unit stride along the vocabulary")
+    if not 0 < top_p < 1:
+        raise ValueError(f"top_p must be in (0, 1), got {top_p}")
+    N, K = logits.shape
+    cut = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return cut
+    block_m, block_k = blocks or logits_blocks(K)
+    _nucleus_cut_kernel[(triton.cdiv(N, block_m),)](logits, logits.stride(0), cut, N, K, float(top_p),
+                                                     BLOCK_M=block_m, BLOCK_K=block_k,
+                                                     num_warps=8 if block_k >= 2048 else 4)
+    return cut
+
+
 def sample_posterior_fwd(logits: torch.Tensor, zt: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor,
                          kappa: torch.Tensor | None, seed: int | torch.Tensor, final: int,
-                         blocks: tuple[int, int] | None = None) -> torch.Tensor:
+                         blocks: tuple[int, int] | None = None, cut: torch.Tensor | None = None) -> torch.Tensor:
     """logits (N, K) fp32/bf16/fp16 with unit stride along K; zt (N,) int64; a_s, a_t, kappa
     (N,) float64; seed: an int, or a one-element int64 tensor on the logits' device; ``blocks``
-    overrides (BLOCK_M, BLOCK_K). Returns z_s (N,) int64."""
+    overrides (BLOCK_M, BLOCK_K); ``cut`` (N,) float32: only logits >= cut take part (the
+    nucleus of :func:`nucleus_cut_fwd`). Returns z_s (N,) int64."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be 2-d with unit stride along the vocabulary")
     N, K = logits.shape
@@ -232,9 +302,10 @@ def sample_posterior_fwd(logits: torch.Tensor, zt: torch.Tensor, a_s: torch.Tens
     block_m, block_k = blocks or logits_blocks(K)
     seed, seed_ptr = _seed_args(seed, logits.device)
     _sample_posterior_kernel[(triton.cdiv(N, block_m),)](
-        logits, logits.stride(0), zt, a_s, a_t, kappa if kappa is not None else a_t, out, N, K, seed,
-        seed_ptr if seed_ptr is not None else zt, FINAL=final, USE_PSI=kappa is not None,
-        SEED_FROM_PTR=seed_ptr is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+        logits, logits.stride(0), zt, a_s, a_t, kappa if kappa is not None else a_t,
+        cut if cut is not None else a_t, out, N, K, seed, seed_ptr if seed_ptr is not None else zt, FINAL=final,
+        USE_PSI=kappa is not None, HAS_CUT=cut is not None, SEED_FROM_PTR=seed_ptr is not None, BLOCK_M=block_m,
+        BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
     return out
 
 

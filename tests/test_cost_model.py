@@ -18,6 +18,7 @@ import pytest
 KNOWN_HOT_SPILLS = {
     ("posterior step + projection", "bf16", "_sample_posterior_linear_kernel"): 218,
     ("posterior step + projection", "fp32", "_sample_posterior_linear_kernel"): 218,
+    ("posterior step + projection (Psi)", "bf16", "_sample_posterior_linear_kernel"): 218,
     ("curriculum relaxation fwd+bwd (dense)", "bf16", "_re_fwd_kernel"): 80,
     ("curriculum relaxation fwd+bwd (dense)", "bf16", "_re_bwd_kernel"): 80,
     ("curriculum relaxation fwd+bwd (sparse)", "bf16", "_re_fwd_kernel"): 80,

@@ -117,3 +117,50 @@ def test_nucleus_sampler_matches_exact_filtered_posterior(impl, K, top_p):
     exact = ref.posterior_ref(filtered[None, None], zt, 0.7, 0.4)[0, 0]
     draws = _draws(sample_posterior, logits, zt, 0.7, 0.4, _n(K, impl), seed=K, top_p=top_p, impl=impl)
     assert chi_square_pvalue(draws, exact) > 1e-3
+
+
+def _public_nucleus_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The public rule written out: sort in float64, drop an id when the mass sorted before it exceeds top_p."""
+    sl, order = logits.double().sort(-1, descending=True)
+    cum = sl.softmax(-1).cumsum(-1)
+    drop = torch.zeros_like(cum, dtype=torch.bool)
+    drop[..., 1:] = cum[..., :-1] > top_p
+    return ~torch.zeros_like(drop).scatter(-1, order, drop)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_nucleus_cut_without_a_sort_is_the_public_nucleus(top_p):
+    """The Triton cut (bisection over float32 order keys) keeps exactly the ids the public sort
+    keeps, on distinct fp32 logits (non-power-of-two K, peaked and flat rows); with bf16 ties it
+    keeps whole tied groups, as the PyTorch path's nucleus_filter does."""
+    from duo_fast.kernels.sample_posterior import nucleus_cut_fwd
+    from duo_fast.ops.posterior import nucleus_filter
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(40, 777, generator=g) * 4, torch.randn(40, 777, generator=g) * 0.3])
+    cut = nucleus_cut_fwd(logits.to(DEVICE), top_p).cpu()
+    keep = logits >= cut[:, None]
+    assert torch.equal(keep, _public_nucleus_keep(logits, top_p))
+    assert torch.equal(keep, nucleus_filter(logits, top_p) > float("-inf"))
+    ties = (logits * 2).round().bfloat16()                      # many exact ties
+    keep16 = ties.float() >= nucleus_cut_fwd(ties.to(DEVICE), top_p).cpu()[:, None]
+    assert (keep16 == (nucleus_filter(ties, top_p) > float("-inf"))).all(-1).float().mean() >= 0.97
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_nucleus_matches_exact_filtered_posterior(impl):
+    from duo_fast.ops import sample_posterior_linear
+
+    K, D, n = 90, 24, 40_000
+    g = torch.Generator().manual_seed(3)
+    h, w, b = torch.randn(1, 1, D, generator=g), torch.randn(K, D, generator=g) * 0.5, torch.randn(K, generator=g)
+    logits = torch.nn.functional.linear(h, w, b).double()[0, 0]
+    keep = _public_nucleus_keep(logits, 0.8)
+    filtered = torch.where(keep, logits.softmax(-1), torch.zeros_like(logits))
+    zt = torch.tensor([[int(logits.argmin())]])
+    exact = ref.posterior_ref((filtered / filtered.sum())[None, None], zt, 0.7, 0.4)[0, 0]
+    dev = DEVICE if impl == "triton" else torch.device("cpu")
+    draws = sample_posterior_linear(h.expand(1, n, D).contiguous().to(dev), w.to(dev), b.to(dev),
+                                    zt.expand(1, n).contiguous().to(dev), 0.7, 0.4, top_p=0.8, impl=impl,
+                                    generator=torch.Generator().manual_seed(4))[0].cpu()
+    assert chi_square_pvalue(draws, exact) > 1e-3

@@ -21,24 +21,31 @@ from torch import Tensor
 
 from ._dispatch import seed_from, token_rows, use_triton
 
-__all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights"]
+__all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights", "NUCLEUS_METHOD"]
 
 FINAL_MODES = {None: 0, "ancestral": 1, "greedy": 2}
 
 
 def nucleus_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Logits with everything outside the smallest set of mass >= ``top_p`` set to -inf (the
-    most likely id always stays). Needs a sort over the vocabulary. (B, L, K) -> (B, L, K) fp32."""
+    """Logits outside the nucleus set to -inf. The public rule (an id is kept when the mass
+    sorted before it is <= ``top_p``; the most likely id always stays; mass accumulated in
+    float64), made independent of how a sort orders ties: an id is kept when the mass of the ids
+    with strictly larger logits is <= ``top_p``. The PyTorch path: a sort over the vocabulary
+    (the Triton path finds the same cut without one, ``kernels.sample_posterior.nucleus_cut_fwd``).
+    (..., K) -> (..., K) fp32."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
     if top_p >= 1:
-        return logits.float()
-    sorted_logits, order = logits.float().sort(-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    before = probs.cumsum(-1) - probs                   # mass strictly before each id
-    drop_sorted = before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.float().masked_fill(drop, float("-inf"))
+        return logits
+    sorted_logits = logits.sort(-1, descending=True).values
+    cum = sorted_logits.double().softmax(-1).cumsum(-1)
+    n_keep = 1 + (cum[..., :-1] <= top_p).sum(-1, keepdim=True)   # the cumulative mass is increasing
+    cut = sorted_logits.gather(-1, n_keep - 1)
+    return logits.masked_fill(logits < cut, float("-inf"))
+
+
+NUCLEUS_METHOD = {"torch": "sort (float64 cumulative mass)", "triton": "cut by bisection over float32 order keys, no sort"}
 
 
 def mixture_weights(x_i: Tensor, a_s: Tensor, a_t: Tensor, K: int, kappa: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -99,21 +106,25 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
     device, read by the kernel: CUDA-graph replays then draw fresh noise. Returns (B, L) int64.
     """
     _check(logits.shape, zt, final)
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     mode = FINAL_MODES[final]
-    if top_p < 1 and mode != 2:
-        logits = nucleus_filter(logits, top_p)
+    nucleus = top_p < 1 and mode != 2
     B, L, K = logits.shape
     a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
     if use_triton(logits, impl):
-        from ..kernels.sample_posterior import sample_posterior_fwd
+        from ..kernels.sample_posterior import nucleus_cut_fwd, sample_posterior_fwd
 
-        out = sample_posterior_fwd(logits.reshape(B * L, K).contiguous(), zt.reshape(-1).contiguous(), a_s, a_t, kap,
-                                   _kernel_seed(seed, generator), mode)
+        flat = logits.reshape(B * L, K).contiguous()
+        cut = nucleus_cut_fwd(flat, top_p) if nucleus else None
+        out = sample_posterior_fwd(flat, zt.reshape(-1).contiguous(), a_s, a_t, kap, _kernel_seed(seed, generator), mode,
+                                   cut=cut)
         return out.view(B, L)
     if generator is None and seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(int(seed) & ((1 << 63) - 1))
     flat = logits.reshape(B * L, K)
-    return _chunked(lambda s, e: flat[s:e], zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
+    rows = (lambda s, e: nucleus_filter(flat[s:e], top_p)) if nucleus else (lambda s, e: flat[s:e])
+    return _chunked(rows, zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
 
 
 def _chunked(logits_of, zt: Tensor, a_s: Tensor, a_t: Tensor, kap: Tensor | None, generator: torch.Generator | None,
@@ -133,16 +144,26 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
                             alpha_t: Tensor | float, seed: int | Tensor | None = None,
                             generator: torch.Generator | None = None,
                             final: str | None = None, kappa: Tensor | float | None = None, impl: str = "auto",
-                            chunk_tokens: int = 256) -> Tensor:
+                            chunk_tokens: int = 256, top_p: float = 1.0) -> Tensor:
     """:func:`sample_posterior` of ``logits = h @ weight.T + bias`` without writing the logits:
     the Triton kernel computes them per vocabulary chunk (tensor cores on GPU); the PyTorch path
-    computes ``chunk_tokens x K`` at a time. h: (B, L, D); weight: (K, D); bias: (K,) or None."""
+    computes ``chunk_tokens x K`` at a time. h: (B, L, D); weight: (K, D); bias: (K,) or None.
+    With ``top_p < 1`` the PyTorch path still works chunk by chunk (a sort per chunk), while the
+    Triton path writes the logits once (the nucleus cut needs several passes over them) and
+    runs the cut and the logits kernel."""
     if h.dim() != 3 or weight.dim() != 2 or h.shape[-1] != weight.shape[1]:
         raise ValueError(f"need h (B, L, D) and weight (K, D); got {tuple(h.shape)}, {tuple(weight.shape)}")
     B, L, D = h.shape
     K = weight.shape[0]
     _check(torch.Size((B, L, K)), zt, final)
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     mode = FINAL_MODES[final]
+    nucleus = top_p < 1 and mode != 2
+    if nucleus and use_triton(h, impl):
+        logits = torch.nn.functional.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+        return sample_posterior(logits, zt, alpha_s, alpha_t, seed=seed, generator=generator, final=final, top_p=top_p,
+                                kappa=kappa, impl=impl)
     a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
     if use_triton(h, impl):
         from ..kernels.sample_posterior import sample_posterior_linear_fwd
@@ -156,5 +177,9 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
         generator = torch.Generator(device=h.device).manual_seed(int(seed) & ((1 << 63) - 1))
     flat_h = h.reshape(B * L, D)
     w, b = weight.float(), None if bias is None else bias.float()
-    return _chunked(lambda s, e: torch.nn.functional.linear(flat_h[s:e].float(), w, b), zt, a_s, a_t, kap, generator,
-                    mode, chunk_tokens).view(B, L)
+
+    def rows(s: int, e: int) -> Tensor:
+        logits = torch.nn.functional.linear(flat_h[s:e].float(), w, b)
+        return nucleus_filter(logits, top_p) if nucleus else logits
+
+    return _chunked(rows, zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
