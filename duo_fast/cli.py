@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,17 +111,41 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="show a progress bar (only on a terminal)")
 
 
+_SAMPLER_DEFAULTS = {"steps": 8, "top_p": 1.0, "noise_removal": "greedy", "schedule": "loglinear"}
+
+
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=8, help="denoiser calls before the final step (NFE)")
+    from .psi import PSI_PRESETS, PsiConfig
+
+    d = _SAMPLER_DEFAULTS
+    p.add_argument("--steps", type=int, default=None, help=f"denoiser calls before the final step (default {d['steps']})")
     p.add_argument("--batch", type=int, default=16, help="sequences sampled in parallel")
-    p.add_argument("--num-samples", type=int, default=None, help="total samples (default: one batch)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="total samples (default: one batch; with --prompt-file: per prompt, default 1)")
     p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's)")
-    p.add_argument("--schedule", choices=["loglinear", "cosine"], default="loglinear", help="noise schedule of the time grid")
-    p.add_argument("--noise-removal", choices=["greedy", "ancestral", "none"], default="greedy",
-                   help="final step at t_min: argmax (Greedy-Tail), posterior with alpha_s = 1, or nothing")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of x_theta (1.0: off)")
+    p.add_argument("--schedule", choices=["loglinear", "cosine"], default=None,
+                   help=f"noise schedule of the time grid (default {d['schedule']})")
+    p.add_argument("--noise-removal", choices=["greedy", "ancestral", "none"], default=None,
+                   help="final step at t_min: argmax (Greedy-Tail), posterior with alpha_s = 1, or nothing "
+                        f"(default {d['noise_removal']})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling of x_theta (default {d['top_p']}: off)")
     p.add_argument("--psi-kappa", default=None,
                    help="Psi sampler: kappa (one value) or START,END (linear over the steps); 1 is ancestral")
+    dp = PsiConfig()
+    p.add_argument("--psi-preset", choices=sorted(PSI_PRESETS), default=None,
+                   help="a Psi recipe of the public scripts/psi_samplers (steps, top-p, final step and the --psi-* "
+                        "values below; flags given explicitly win)")
+    p.add_argument("--psi-time-profile", default=None,
+                   help=f"sampling.psi.time_profile: linear, linear-constant-linear-C or linear-constant-linear-C-inv "
+                        f"(default {dp.time_profile})")
+    for phase in ("high", "middle", "low"):
+        p.add_argument(f"--psi-{phase}-mode", default=None,
+                       help=f"sampling.psi.{phase}_mode: pure-posterior, pure-pc, constant-ETA, constant-remdm-ETA, "
+                            f"max-capped-ETA or max-rescale-ETA (default {getattr(dp, phase + '_mode')})")
+    for phase in ("high", "middle"):
+        p.add_argument(f"--psi-{phase}-frac", type=float, default=None,
+                       help=f"sampling.psi.{phase}_frac: fraction of the times in the {phase} phase "
+                            f"(default {getattr(dp, phase + '_frac')})")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="draws fused with the output projection (--no-fused: write the logits and sample from them)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -133,6 +158,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     _add_sample_args(p)
     p.add_argument("--out", default=None, help="write samples as JSONL (text, token ids, seed, steps) to this file")
     p.add_argument("--show", type=int, default=3, help="print this many samples")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--prompt", default=None, help="condition on this text: it is kept as the start of every sample")
+    cond.add_argument("--prompt-file", default=None,
+                      help="one prompt per line; --num-samples samples per prompt (default 1); JSONL rows carry the prompt")
+    cond.add_argument("--infill", default=None,
+                      help='a template with gaps, e.g. "The [GAP:12] of the [GAP:5]." (N tokens per gap): the text is '
+                           "kept, only the gaps (and any positions after the template) are sampled")
+    p.add_argument("--prompt-bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="start a prompt or template with the tokenizer's BOS token, as the training blocks start")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -142,11 +176,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_args(p)
     p.add_argument("--dataset", default=None,
                    help=f"{', '.join(EVAL_DATASETS)}, bundled, or text:PATH (a .txt, one document per line, or .jsonl)")
+    p.add_argument("--insert-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="EOS after each document (default: the public rule of the set: none for the zero-shot sets, "
+                        "EOS for openwebtext-valid, lm1b-wrap and local files)")
+    p.add_argument("--lambada-file", default=None, help="a local copy of lambada_test.jsonl (the public code downloads it)")
     p.add_argument("--eval-batch", type=int, default=16, help="sequences per evaluation batch")
     p.add_argument("--eval-length", type=int, default=None, help="block length (default: the model's)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--gen-ppl", action=argparse.BooleanOptionalAction, default=False,
+                   help="score samples (new, or --samples) by generative perplexity and unigram entropy")
     p.add_argument("--gen-ppl-model", default=None,
-                   help="a causal LM (hub name or local folder) for the generative perplexity of samples")
+                   help="the causal LM (hub name or local folder) that scores them (default gpt2-large, as the public "
+                        "code; giving it turns on --gen-ppl)")
+    p.add_argument("--gen-ppl-batch", type=int, default=8, help="samples per scoring batch (public: 8)")
+    p.add_argument("--protocol", choices=["public", "full"], default="public",
+                   help="generative perplexity as the public code computes it (samples decoded with their special "
+                        "tokens, retokenised, truncated to the sample length, batches of --gen-ppl-batch with the last "
+                        "partial one dropped, only the first EOS counted), or full (every token of every sample)")
     p.add_argument("--samples", default=None, help="JSONL of `duo-fast sample` to score (default: sample anew)")
     _add_sample_args(p)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -396,7 +442,14 @@ def _kappa(text: str | None) -> tuple[float, float] | None:
 
 
 def _check_sample_flags(args: argparse.Namespace) -> None:
-    """Every sampling flag, before the model is loaded."""
+    """Every sampling flag, before the model is loaded: fills in the preset's and the default
+    values, and ``args.psi`` (a PsiConfig or None)."""
+    from .psi import PSI_PRESETS, PsiConfig
+
+    preset = PSI_PRESETS.get(args.psi_preset or "", {})
+    for name, default in _SAMPLER_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, default))
     for flag, v in (("--steps", args.steps), ("--batch", args.batch), ("--num-samples", args.num_samples),
                     ("--length", args.length)):
         if v is not None and v < 1:
@@ -404,9 +457,86 @@ def _check_sample_flags(args: argparse.Namespace) -> None:
     if not 0 < args.top_p <= 1:
         _fail(f"--top-p must be in (0, 1], got {args.top_p}")
     _kappa(args.psi_kappa)
+    fields = {"time_profile": args.psi_time_profile, "high_mode": args.psi_high_mode,
+              "middle_mode": args.psi_middle_mode, "low_mode": args.psi_low_mode, "high_frac": args.psi_high_frac,
+              "middle_frac": args.psi_middle_frac}
+    given = {k: v for k, v in fields.items() if v is not None}
+    args.psi = None
+    if preset or given:
+        if args.psi_kappa is not None:
+            _fail("--psi-kappa (a linear kappa ramp) cannot be combined with --psi-preset or the --psi-* schedule flags")
+        base = preset.get("psi", PsiConfig())
+        try:
+            args.psi = PsiConfig(**{**base.__dict__, **given})
+        except ValueError as e:
+            flag = next((f"--{k.replace('_', '-')}" for k in ("psi_time_profile", "psi_high_mode", "psi_middle_mode",
+                                                               "psi_low_mode", "psi_high_frac", "psi_middle_frac")
+                         if k[4:] in str(e)), "--psi-*")
+            _fail(f"{flag}: {e}")
+    if getattr(args, "infill", None) is not None:
+        _infill_pieces(args.infill)
+    pf = getattr(args, "prompt_file", None)
+    if pf is not None and not Path(pf).is_file():
+        _fail(f"--prompt-file {pf}: no such file")
     out = getattr(args, "out", None)
     if out and Path(out).is_dir():
         _fail(f"--out {out} is a folder; give a file name for the JSONL")
+
+
+_GAP = re.compile(r"\[GAP:([^\]]*)\]")
+
+
+def _infill_pieces(template: str) -> list[str | int]:
+    """``"The [GAP:12] of the [GAP:5]."`` -> ["The", 12, " of the", 5, "."] (one line on a bad template)."""
+    pieces: list[str | int] = []
+    pos = 0
+    for m in _GAP.finditer(template):
+        if m.start() > pos:
+            pieces.append(template[pos:m.start()])
+        if not m.group(1).isdigit() or int(m.group(1)) < 1:
+            _fail(f"--infill: a gap is written [GAP:N] with N >= 1 tokens, got {m.group(0)!r}")
+        pieces.append(int(m.group(1)))
+        pos = m.end()
+    if pos < len(template):
+        pieces.append(template[pos:])
+    if "[GAP" in "".join(p for p in pieces if isinstance(p, str)):
+        _fail("--infill: a gap is written [GAP:N] with N >= 1 tokens (a [GAP marker is malformed)")
+    if not any(isinstance(p, int) for p in pieces):
+        _fail("--infill: the template has no [GAP:N]; use --prompt to condition on a text without gaps")
+    return pieces
+
+
+def _conditions(args: argparse.Namespace, tokenizer: Any, length: int) -> list[dict]:
+    """The conditioning of each group of samples: [{"prefix": ids, "mask": bools or None, "row": JSONL fields}];
+    one unconditional group without --prompt/--prompt-file/--infill."""
+    prompt, pf, infill = getattr(args, "prompt", None), getattr(args, "prompt_file", None), getattr(args, "infill", None)
+    if prompt is None and pf is None and infill is None:
+        return [{"prefix": None, "mask": None, "row": {}}]
+    if tokenizer is None:
+        _fail("--prompt/--prompt-file/--infill need a tokenizer: pass --tokenizer")
+    bos = [tokenizer.bos_token_id] if args.prompt_bos and tokenizer.bos_token_id is not None else []
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    groups = []
+    if infill is not None:
+        ids, mask = list(bos), [True] * len(bos)
+        for piece in _infill_pieces(infill):
+            new = encode(piece) if isinstance(piece, str) else [0] * piece
+            ids += new
+            mask += [isinstance(piece, str)] * len(new)
+        groups.append({"prefix": ids, "mask": mask, "row": {"template": infill}})
+    else:
+        texts = [prompt] if prompt is not None else [x for x in Path(pf).read_text().splitlines() if x.strip()]
+        if not texts:
+            _fail(f"--prompt-file {pf}: no prompts (one per line)")
+        groups = [{"prefix": bos + encode(t), "mask": None, "row": {"prompt": t}} for t in texts]
+    for g in groups:
+        if len(g["prefix"]) > length:
+            what = "--infill template" if infill is not None else "prompt"
+            _fail(f"{what} is {len(g['prefix'])} tokens, longer than the sampled length {length} (see --length)")
+    return groups
 
 
 def _check_json_target(path: str | None) -> None:
@@ -422,25 +552,36 @@ def _progress(flag: bool) -> bool:
 def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: Any) -> tuple[list[dict], dict]:
     import time
 
+    import torch
+
     from .sampling import SamplerConfig, generate
 
-    total = args.num_samples or args.batch
-    rows, seconds, capture, nfe = [], 0.0, 0.0, 0
+    L = args.length or model.config.model_length
+    groups = _conditions(args, tokenizer, L)
+    conditional = groups[0]["prefix"] is not None
+    per_group = args.num_samples or (1 if conditional and len(groups) > 1 else args.batch)
+    rows, seconds, capture, nfe, call = [], 0.0, 0.0, 0, 0
     t_all = time.perf_counter()
-    for i in range(math.ceil(total / args.batch)):
-        b = min(args.batch, total - i * args.batch)
-        scfg = SamplerConfig(steps=args.steps, batch=b, length=args.length, noise_removal=args.noise_removal,
-                             schedule=args.schedule, top_p=args.top_p, kappa=_kappa(args.psi_kappa),
-                             seed=args.seed + i, fused=args.fused, cuda_graph=args.cuda_graph)
-        ids, stats = generate(model, scfg, device=device, progress=_progress(args.progress))
-        seconds += stats["wall_seconds"]
-        capture += stats["graph_capture_seconds"]
-        nfe += stats["nfe"]
-        for row in ids.cpu().tolist():
-            text = tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else None
-            rows.append({"text": text, "token_ids": row, "seed": scfg.seed, "steps": args.steps,
-                         "noise_removal": args.noise_removal, "top_p": args.top_p})
-    L = len(rows[0]["token_ids"])
+    for g in groups:
+        prefix = None if g["prefix"] is None else torch.tensor(g["prefix"], dtype=torch.int64)
+        mask = None if g["mask"] is None else torch.tensor(g["mask"], dtype=torch.bool)
+        for i in range(math.ceil(per_group / args.batch)):
+            b = min(args.batch, per_group - i * args.batch)
+            scfg = SamplerConfig(steps=args.steps, batch=b, length=args.length, noise_removal=args.noise_removal,
+                                 schedule=args.schedule, top_p=args.top_p, kappa=_kappa(args.psi_kappa), psi=args.psi,
+                                 seed=args.seed + call, fused=args.fused, cuda_graph=args.cuda_graph)
+            call += 1
+            ids, stats = generate(model, scfg, device=device, progress=_progress(args.progress),
+                                  prefix=None if prefix is None else prefix.expand(b, -1),
+                                  known_mask=None if mask is None else mask.expand(b, -1))
+            seconds += stats["wall_seconds"]
+            capture += stats["graph_capture_seconds"]
+            nfe += stats["nfe"]
+            for row in ids.cpu().tolist():
+                text = tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else None
+                decoded = tokenizer.decode(row) if tokenizer is not None else None    # the public batch_decode
+                rows.append({**g["row"], "text": text, "decoded": decoded, "token_ids": row, "seed": scfg.seed,
+                             "steps": args.steps, "noise_removal": args.noise_removal, "top_p": args.top_p})
     # every rate over the sampling calls' whole wall time, graph captures included
     stats = {"samples": len(rows), "length": L, "seconds": seconds, "graph_capture_seconds": capture,
              "wall_seconds": time.perf_counter() - t_all, "nfe": nfe, "samples_per_s": len(rows) / seconds,
@@ -461,6 +602,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rows, st = _sample_rows(args, model, tokenizer, device)
     print(f"duo-fast sample: {st['samples']} samples of length {st['length']}, {args.steps} steps + "
           f"{args.noise_removal} final step, device={device}")
+    if args.psi is not None:
+        print(f"Psi sampler: {args.psi}")
+    if args.top_p < 1:
+        from .ops._dispatch import use_triton
+        from .ops.posterior import NUCLEUS_METHOD
+
+        probe = next(model.parameters())
+        print(f"nucleus top-p {args.top_p}: {NUCLEUS_METHOD['triton' if use_triton(probe) else 'torch']}")
     for r in rows[: args.show]:
         print("---", (r["text"] if r["text"] is not None else str(r["token_ids"][:40]))[:400].replace("\n", " "))
     _print_throughput(st)
@@ -474,10 +623,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import eval_blocks, evaluate_nelbo, generative_perplexity, unigram_entropy
+    from .evaluate import eval_blocks, eval_pad_id, evaluate_nelbo, generative_perplexity, unigram_entropy
 
-    if not args.dataset and not args.gen_ppl_model:
-        _fail("give --dataset, --gen-ppl-model, or both")
+    if args.gen_ppl_model:
+        args.gen_ppl = True
+    args.gen_ppl_model = args.gen_ppl_model or "gpt2-large"
+    if not args.dataset and not args.gen_ppl:
+        _fail("give --dataset, --gen-ppl (or --gen-ppl-model), or both")
+    if args.gen_ppl_batch < 1:
+        _fail(f"--gen-ppl-batch must be >= 1, got {args.gen_ppl_batch}")
     _check_sample_flags(args)
     for flag, v, low in (("--eval-batch", args.eval_batch, 1), ("--eval-length", args.eval_length, 2),
                          ("--max-batches", args.max_batches, 1)):
@@ -485,6 +639,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             _fail(f"{flag} must be >= {low}, got {v}")
     if args.samples and not Path(args.samples).is_file():
         _fail(f"--samples {args.samples}: no such file")
+    if args.lambada_file and not Path(args.lambada_file).is_file():
+        _fail(f"--lambada-file {args.lambada_file}: no such file")
     _check_json_target(args.json)
     model, info, tokenizer, device = _load(args)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "weights": info.weights}
@@ -493,15 +649,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             _fail("--dataset needs a tokenizer: pass --tokenizer")
         length = args.eval_length or model.config.model_length
         try:
-            blocks = eval_blocks(args.dataset, tokenizer, length)
+            blocks = eval_blocks(args.dataset, tokenizer, length, insert_eos=args.insert_eos,
+                                 lambada_file=args.lambada_file)
         except (ValueError, FileNotFoundError) as e:
             _fail(f"--dataset {args.dataset}: {e}")
         r = evaluate_nelbo(model, blocks, batch_size=args.eval_batch, seed=args.seed, device=device,
-                           max_batches=args.max_batches, progress=_progress(args.progress))
+                           max_batches=args.max_batches, progress=_progress(args.progress),
+                           pad_id=eval_pad_id(args.dataset, tokenizer))
         result.update(dataset=args.dataset, length=length, **r)
         print(f"{args.dataset}: NELBO {r['nelbo']:.4f} nats/token, perplexity <= {r['ppl']:.2f} "
               f"({r['tokens']:,} tokens, {r['batches']} batches of {args.eval_batch})")
-    if args.gen_ppl_model:
+    if args.gen_ppl:
         if args.samples:
             try:
                 rows = [json.loads(x) for x in Path(args.samples).read_text().splitlines() if x.strip()]
@@ -512,19 +670,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 _fail("decoding samples needs a tokenizer: pass --tokenizer")
             rows, st = _sample_rows(args, model, tokenizer, device)
             _print_throughput(st)
-        texts = [r.get("text") if isinstance(r, dict) else None for r in rows]
+        key = "decoded" if args.protocol == "public" else "text"      # public: decoded with the special tokens
+        texts = [(r.get(key) or r.get("text")) if isinstance(r, dict) else None for r in rows]
         if not texts or any(not isinstance(t, str) for t in texts):
             _fail("the samples have no text to score")
+        length = len(rows[0].get("token_ids") or []) or model.config.model_length
         try:
-            g = generative_perplexity(texts, args.gen_ppl_model, device=device)
+            g = generative_perplexity(texts, args.gen_ppl_model, device=device, max_length=length,
+                                      batch_size=args.gen_ppl_batch, protocol=args.protocol)
         except OSError as e:
             local = Path(args.gen_ppl_model).exists()
             _fail(f"--gen-ppl-model {args.gen_ppl_model}: cannot be loaded ({type(e).__name__})" +
                   ("" if local else "; offline, the hub cannot be reached: pass a local model folder"))
         ent = unigram_entropy([r["token_ids"] for r in rows])
         result.update(gen_ppl_model=args.gen_ppl_model, num_samples=len(rows), unigram_entropy=ent, **g)
-        print(f"generative perplexity under {args.gen_ppl_model}: {g['gen_ppl']:.2f} ({g['tokens']:,} tokens, "
-              f"{len(rows)} samples); unigram entropy {ent:.3f} nats")
+        print(f"generative perplexity under {args.gen_ppl_model} ({args.protocol} protocol): {g['gen_ppl']:.2f} "
+              f"({g['tokens']:,} tokens, {g['samples_scored']} of {len(rows)} samples scored); unigram entropy "
+              f"{ent:.3f} nats")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,6 @@ def zero_config(stage: int) -> dict[str, Any]:
     return json.loads((CONFIG_DIR / f"zero{stage}.json").read_text())
 
 
-def _warmup(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(1, warmup))
-
-
 def _fused_adamw_ok(params: list[nn.Parameter]) -> bool:
     """torch's fused AdamW runs on CPU and CUDA float tensors (one kernel for all parameters)."""
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
@@ -111,17 +108,18 @@ def _skip_flag(bad: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Ten
 
 
 class TorchEngine:
-    """One process: AdamW (fused), linear warm-up, clipping, gradient accumulation over ``accum``
-    micro-batches; non-finite steps skipped on the device."""
+    """One process: AdamW (fused), the learning-rate multiplier ``lr_lambda(update)``
+    (``duo_fast.schedules``), clipping, gradient accumulation over ``accum`` micro-batches;
+    non-finite steps skipped on the device."""
 
     def __init__(self, module: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                 warmup_steps: int, grad_clip: float, accum: int) -> None:
+                 lr_lambda: Callable[[int], float], grad_clip: float, accum: int) -> None:
         self.module, self.accum, self.grad_clip = module, accum, grad_clip
         params = list(module.parameters())
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay,
                                      fused=_fused_adamw_ok(params))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _warmup(s, warmup_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
         self._micro = 0
         self._norm: torch.Tensor | None = None
         self._bad: torch.Tensor | None = None
@@ -190,7 +188,7 @@ class DeepSpeedEngine:
     ``accum`` micro-steps per optimizer step."""
 
     def __init__(self, module: nn.Module, stage: int, micro: int, accum: int, world: int, lr: float,
-                 betas: tuple[float, float], weight_decay: float, warmup_steps: int, grad_clip: float,
+                 betas: tuple[float, float], weight_decay: float, lr_lambda: Callable[[int], float], grad_clip: float,
                  device: torch.device, extra_config: dict[str, Any] | None = None) -> None:
         import deepspeed
 
@@ -198,11 +196,11 @@ class DeepSpeedEngine:
         cfg.update(extra_config or {})
         self.stage, self.module = stage, module
         self._bad: torch.Tensor | None = None
-        # the same linear warm-up as the PyTorch engine: a LambdaLR on DeepSpeed's base optimizer,
+        # the same schedule as the PyTorch engine: a LambdaLR on DeepSpeed's base optimizer,
         # stepped by the engine at accumulation boundaries and saved in its checkpoints
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=module, config=cfg, model_parameters=[p for p in module.parameters()],
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup(s, warmup_steps)))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -50,6 +50,8 @@ class PretrainedInfo:
     notes: list[str] = field(default_factory=list)
     algo: str | None = None          # a Lightning checkpoint's algo.name (duo, duo_base, distillation, ...)
     tokenizer: Any = None            # the tokenizer pickled in a Lightning checkpoint, rebuilt as data
+    # a Lightning checkpoint's EMA: {"decay", "num_updates", "shadow": {parameter name: tensor (CPU)}}
+    ema_state: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,24 +257,29 @@ def _from_lightning(path: Path, ema: bool, trust: bool) -> tuple[dict[str, torch
         notes.append(f"algo {meta['algo']} ({meta['parameterization']}), model {meta['model'].get('name', '?')}")
     base["_lightning"] = meta
     weights = "raw"
+    e = obj.get("ema")
+    shadow = e.get("shadow_params") if isinstance(e, dict) else None
+    if shadow is not None:
+        with torch.device("meta"):
+            model = DiT(config_from_state_dict(sd, {k: v for k, v in base.items() if k != "_lightning"}))
+        names = [n for n, _ in model.named_parameters()]
+        if len(shadow) < len(names):
+            raise CheckpointError(f"{path}: the EMA has {len(shadow)} tensors, the denoiser {len(names)} parameters")
+        if len(shadow) > len(names):
+            notes.append(f"EMA has {len(shadow) - len(names)} trailing tensors beyond the backbone's; ignored")
+        for n, t in zip(names, shadow):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(sd[n].shape):
+                raise CheckpointError(f"{path}: EMA tensor for {n} has shape "
+                                      f"{getattr(t, 'shape', None)}, the weight {tuple(sd[n].shape)}")
+        decay, updates = e.get("decay"), e.get("num_updates")
+        base["_ema"] = {"decay": float(decay) if isinstance(decay, (int, float)) else None,
+                        "num_updates": int(updates) if isinstance(updates, int) else None,
+                        "shadow": dict(zip(names, shadow))}
     if ema:
-        e = obj.get("ema")
-        shadow = e.get("shadow_params") if isinstance(e, dict) else None
         if shadow is None:
             notes.append("no EMA in the checkpoint; using the raw weights")
         else:
-            with torch.device("meta"):
-                model = DiT(config_from_state_dict(sd, {k: v for k, v in base.items() if k != "_lightning"}))
-            names = [n for n, _ in model.named_parameters()]
-            if len(shadow) < len(names):
-                raise CheckpointError(f"{path}: the EMA has {len(shadow)} tensors, the denoiser {len(names)} parameters")
-            if len(shadow) > len(names):
-                notes.append(f"EMA has {len(shadow) - len(names)} trailing tensors beyond the backbone's; ignored")
-            for n, t in zip(names, shadow):
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(sd[n].shape):
-                    raise CheckpointError(f"{path}: EMA tensor for {n} has shape "
-                                          f"{getattr(t, 'shape', None)}, the weight {tuple(sd[n].shape)}")
-                sd[n] = t
+            sd.update(base["_ema"]["shadow"])
             weights = "ema"
     return sd, base, "lightning", notes, weights
 
@@ -304,6 +311,7 @@ def load_pretrained(path_or_hub_id: str | Path, ema: bool = True, device: str | 
     else:
         raise CheckpointError(f"{src!r} is neither a checkpoint folder, a .ckpt file nor a hub id")
     lightning = cfg.pop("_lightning", None) if fmt == "lightning" else None
+    ema_state = cfg.pop("_ema", None) if fmt == "lightning" else None
     config = config_from_state_dict(sd, cfg)
     if lightning is not None:
         _check_sizes(config, lightning["model"], src)
@@ -316,7 +324,8 @@ def load_pretrained(path_or_hub_id: str | Path, ema: bool = True, device: str | 
                           preset=preset_name(config), weights=weights, config=config.to_dict(),
                           extra=dict(cfg.get("duo_fast") or {}), notes=notes,
                           algo=lightning["algo"] if lightning else None,
-                          tokenizer=tokenizer_from_record(lightning["tokenizer"]) if lightning else None)
+                          tokenizer=tokenizer_from_record(lightning["tokenizer"]) if lightning else None,
+                          ema_state=ema_state)
     return model, info
 
 

@@ -56,11 +56,16 @@ def alpha_cosine(t: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
 
 
 def stratified_times(n: int, *, eps: float = 1e-3, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """Antithetic stratified times for a batch of ``n`` (section 3): ``(u/n + k/n) mod 1``,
-    mapped to ``[eps, 1]``. Shape ``(n,)``."""
-    u = torch.rand((), generator=generator, device=device, dtype=dtype)
-    t = (u / n + torch.arange(n, device=device, dtype=dtype) / n) % 1.0
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                     strata: int | None = None, first: int = 0) -> Tensor:
+    """Antithetic times as the public trainer draws them (section 3): ``strata`` strata of
+    ``[0, 1)`` (default ``n``), stratum ``k`` drawn as ``(u_k + k)/strata`` with its own uniform
+    ``u_k``, mapped to ``[eps, 1]``; this call returns strata ``first .. first + n - 1``. A rank's
+    micro-batch takes its slice of the global batch's strata (``first = (rank * accum + j) * n``).
+    Shape ``(n,)``."""
+    strata = n if strata is None else strata
+    u = torch.rand((n,), generator=generator, device=device, dtype=dtype)
+    t = ((u + torch.arange(first, first + n, device=device, dtype=dtype)) / strata) % 1.0
     return (1.0 - eps) * t + eps
 
 

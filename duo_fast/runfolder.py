@@ -32,6 +32,7 @@ __all__ = ["RunPlan", "plan", "apply", "write_json_atomic", "truncate_log", "not
 # fields that do not change what is computed up to the current step: a resume may change them
 SAFE_TO_CHANGE = frozenset({"steps", "save_every", "log_every", "check_every", "progress", "tensorboard",
                             "keep_checkpoints", "resume", "overwrite", "compile", "val_batches", "val_every",
+                            "val_samples", "val_sample_steps", "val_gen_ppl_model", "wandb", "wandb_project",
                             "device", "out"})
 
 
@@ -83,9 +84,11 @@ def plan(out: str | Path, config: dict[str, Any], resume: bool, overwrite: bool,
         raise ValueError(f"--out {out} holds a {command} run and --no-resume was given; {hint}")
     if not has_checkpoint:
         raise ValueError(f"--out {out} holds a {command} run with no complete checkpoint to continue from; {hint}")
-    diffs = {k: (stored.get(k), config.get(k)) for k in sorted(set(stored) | set(config))
+    # options the stored run does not record (added since) take their current value
+    diffs = {k: (stored.get(k), config.get(k)) for k in sorted(set(stored) & set(config))
              if stored.get(k) != config.get(k)}
-    unsafe = {k: v for k, v in diffs.items() if k not in SAFE_TO_CHANGE}
+    safe = SAFE_TO_CHANGE - ({"steps"} if config.get("lr_schedule") == "cosine" else set())   # cosine decays to `steps`
+    unsafe = {k: v for k, v in diffs.items() if k not in safe}
     if unsafe:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
         raise ValueError(f"--out {out} holds a run with another configuration ({listed}); resume it with the same "

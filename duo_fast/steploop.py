@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .data.blocks import BlockOrder
 
-__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint"]
+__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint", "ema_decay"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -145,3 +145,9 @@ def exit_after_checkpoint(command: str, signum: int | None, step: int, path: Any
         print(f"duo-fast {command}: signal {signum or 'on another rank'} at step {step}: checkpoint {path}; "
               f"run the same command to continue")
     raise SystemExit(128 + (signum or signal.SIGTERM))
+
+
+def ema_decay(decay: float, n: int) -> float:
+    """The public EMA's decay at its ``n``-th update (n >= 1): ``min(decay, (1 + n)/(10 + n))``,
+    a warm-up that keeps the average from being dominated by the first weights."""
+    return min(decay, (1 + n) / (10 + n))

@@ -18,7 +18,9 @@ restart with the same command continues from the newest complete one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from . import reference as ref
 from . import runfolder
 from .checkpoint import save_hf_folder
-from .data import get_tokenizer
+from .data import get_tokenizer, loss_mask_id
 from .data.blocks import BlockOrder, cached_blocks
 from .devices import device_peaks, resolve_device
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
@@ -53,7 +55,8 @@ from .resume import (
     set_generator_states,
     write_checkpoint,
 )
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, exit_after_checkpoint, micro_seed
+from .schedules import lr_multiplier
+from .steploop import BatchFeeder, IntervalMeter, agreed_stop, ema_decay, exit_after_checkpoint, micro_seed
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "tau_at", "resolve_device",
@@ -65,14 +68,20 @@ class TrainConfig:
     """Every option of ``duo-fast train``; the defaults are the public recipe's where it has one."""
 
     model: str = option("small", "denoiser preset (docs/math.md section 7)", choices=("tiny", "small", "medium"))
-    dataset: str = option("bundled", "bundled, openwebtext, wikitext103, wikitext2, lm1b, or text:PATH (.txt/.jsonl)")
+    dataset: str = option("bundled", "bundled, openwebtext, wikitext103, wikitext2, lm1b (padded sentences, the "
+                                     "public data=lm1b), lm1b-wrap (wrapped), or text:PATH (.txt/.jsonl)")
     tokenizer: str = option("bundled", "'bundled' (BPE trained on the bundled corpus), a local folder or a hub name")
     tokenizer_vocab: int = option(4096, "vocabulary size of the bundled BPE tokenizer")
     length: int = option(1024, "sequence length L of the training blocks")
     batch_size: int = option(512, "sequences per optimizer step")
     steps: int = option(1_000_000, "optimizer steps")
     lr: float = option(3e-4, "AdamW learning rate after warm-up")
-    warmup_steps: int = option(2500, "linear warm-up steps, then constant learning rate")
+    warmup_steps: int = option(2500, "linear warm-up steps (the first update has learning rate 0, as in the public "
+                                     "trainer)")
+    lr_schedule: str = option("constant", "after the warm-up: constant, cosine (decay to 1e-6 at the last step) or step "
+                                          "(halved every lr_halve_every steps); docs/training.md",
+                              choices=("constant", "cosine", "step"))
+    lr_halve_every: int = option(10_000, "steps between halvings of lr_schedule=step")
     weight_decay: float = option(0.0, "AdamW weight decay")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.999, "AdamW beta2")
@@ -88,6 +97,11 @@ class TrainConfig:
     relax_k: int = option(2, "rows per token of relax_mode=topk")
     gamma_min: float = option(-3.55, "curriculum gamma at t = 0 (least noise)")
     gamma_max: float = option(-1.85, "curriculum gamma at t = 1 (most noise)")
+    init_from: str = option("", "start from these weights instead of a random initialisation: a duo-fast export, a HF "
+                                "folder, a hub id or the public trainer's .ckpt (same model size, length and "
+                                "vocabulary); a .ckpt's EMA (shadow weights, decay, update count) is continued")
+    init_weights: str = option("raw", "which weights of a .ckpt --init-from starts the model from: raw (as the "
+                                      "public finetune_path) or ema", choices=("raw", "ema"))
     seed: int = option(0, "random seed (data order, noise, initialisation)")
     device: str = option("auto", "auto (cuda when available), cpu or cuda[:N]")
     zero_stage: int = option(0, "0: plain PyTorch in one process; 1, 2, 3: DeepSpeed ZeRO stage (any number of "
@@ -108,7 +122,17 @@ class TrainConfig:
                                    "NaN/inf by name (0: never); between checks a non-finite step is skipped on the device")
     log_every: int = option(25, "steps between log lines in the JSONL log (the only steps that read from the device)")
     compile: bool = option(False, "torch.compile the denoiser's blocks")
-    val_batches: int = option(4, "validation batches for the NELBO before and after training")
+    val_batches: int = option(4, "validation batches for the NELBO (the same fixed batches and noise at every validation)")
+    val_every: int = option(5000, "steps between validations during training (the public val_check_interval): NELBO "
+                                  "of the EMA weights, logged, and the best weights exported to OUT/best (0: only "
+                                  "before training, after the curriculum and at the end)")
+    val_samples: int = option(0, "samples drawn at each validation for their unigram entropy (and generative "
+                                 "perplexity with val_gen_ppl_model); 0: none")
+    val_sample_steps: int = option(1000, "sampling steps of those samples (the public sampling.steps)")
+    val_gen_ppl_model: str = option("", "causal LM (hub name or local folder; the public code uses gpt2-large) that "
+                                        "scores the validation samples, public protocol")
+    wandb: bool = option(False, "also log to Weights & Biases (project wandb_project) when wandb is installed")
+    wandb_project: str = option("duo-fast", "W&B project of --wandb")
     val_fraction: float = option(0.05, "share of the documents of a local text:PATH data set held out for "
                                        "validation (a fixed, seeded choice; never trained on)")
     out: str = option("runs/duo", "output folder: log.jsonl, export/ (HF layout) and summary.json")
@@ -120,6 +144,11 @@ class TrainConfig:
                              f"{self.batch_size}, {self.steps}")
         if self.val_batches < 1:
             raise ValueError(f"--val-batches must be >= 1, got {self.val_batches}")
+        if self.val_every < 0 or self.val_samples < 0 or self.val_sample_steps < 1:
+            raise ValueError(f"--val-every and --val-samples must be >= 0 and --val-sample-steps >= 1; got "
+                             f"{self.val_every}, {self.val_samples}, {self.val_sample_steps}")
+        if self.val_gen_ppl_model and self.val_samples < 1:
+            raise ValueError("--val-gen-ppl-model needs --val-samples >= 1 (the samples it scores)")
         if self.tokenizer == "bundled" and self.tokenizer_vocab < 300:
             raise ValueError(f"--tokenizer-vocab must be >= 300 (256 bytes, 4 special tokens and merges), "
                              f"got {self.tokenizer_vocab}")
@@ -151,11 +180,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                 gamma_min=-3.55, gamma_max=-1.85, curriculum_end=500_000),
     "lm1b": dict(model="small", dataset="lm1b", tokenizer="bert-base-uncased", length=128, batch_size=512,
                  gamma_min=-3.5, gamma_max=-1.75, curriculum_end=500_000),
+    "lm1b-wrap": dict(model="small", dataset="lm1b-wrap", tokenizer="bert-base-uncased", length=128, batch_size=512,
+                      gamma_min=-3.5, gamma_max=-1.75, curriculum_end=500_000),
     # A CPU demo on the bundled corpus: curriculum for 250 steps, then the discrete phase.
     "demo": dict(model="tiny", dataset="bundled", tokenizer="bundled", tokenizer_vocab=1024, length=64,
                  batch_size=16, steps=500, lr=3e-3, warmup_steps=20, ema=0.0, dropout=0.0,
                  curriculum_end=250, tau_log10_start=-1.0, tau_log10_end=-2.0, gamma_min=-3.5, gamma_max=-1.75,
-                 log_every=20, val_batches=8, out="runs/demo"),
+                 log_every=20, val_batches=8, val_every=100, out="runs/demo"),
 }
 
 
@@ -173,11 +204,13 @@ class DuoObjective(nn.Module):
     by the relaxation and the output projection read by the fused loss.
 
     ``forward(x0, sigma, alpha, dalpha, zt=None, gamma=None, tau=None, seed=None, check=False)``:
-    the discrete objective at ``zt``, or (``gamma`` given) the curriculum's; returns the mean loss."""
+    the discrete objective at ``zt``, or (``gamma`` given) the curriculum's; returns the mean loss
+    per token, over the tokens of ``x0`` that are not ``pad_id`` when it is given (padded data,
+    as the public loss weights by the attention mask)."""
 
-    def __init__(self, dit: DiT, cfg: "TrainConfig") -> None:
+    def __init__(self, dit: DiT, cfg: "TrainConfig", pad_id: int | None = None) -> None:
         super().__init__()
-        self.dit, self.cfg = dit, cfg
+        self.dit, self.cfg, self.pad_id = dit, cfg, pad_id
 
     def register_external_parameters(self) -> None:
         """ZeRO-3: these parameters are read outside their own modules' forward."""
@@ -197,10 +230,15 @@ class DuoObjective(nn.Module):
         else:
             inputs, embeds = zt, None
         if not cfg.fused_loss:
-            return rb_loss(dit(inputs, sigma, inputs_embeds=embeds), zt, x0, alpha, dalpha, check=check).mean()
-        h = dit(inputs, sigma, inputs_embeds=embeds, return_hidden=True)
-        lin = dit.output_layer.linear
-        return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha, check=check).mean()
+            losses = rb_loss(dit(inputs, sigma, inputs_embeds=embeds), zt, x0, alpha, dalpha, check=check)
+        else:
+            h = dit(inputs, sigma, inputs_embeds=embeds, return_hidden=True)
+            lin = dit.output_layer.linear
+            losses = rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha, check=check)
+        if self.pad_id is None:
+            return losses.mean()
+        keep = (x0 != self.pad_id).to(losses.dtype)
+        return (losses * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 class Trainer:
@@ -232,11 +270,14 @@ class Trainer:
         self.feeder = BatchFeeder(self.train_blocks, self.order, self.device)
         self.model = DiT(DiTConfig.from_name(cfg.model, vocab_size=K, model_length=cfg.length,
                                              dropout=cfg.dropout)).to(self.device)
+        init_ema = _init_from(self.model, cfg) if cfg.init_from else None
         if cfg.compile:
             self.model.compile_blocks()
-        self.objective = DuoObjective(self.model, cfg)
+        self.pad_id = loss_mask_id(cfg.dataset, self.tokenizer)
+        self.objective = DuoObjective(self.model, cfg, self.pad_id)
         args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                    warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
+                    lr_lambda=lr_multiplier(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_halve_every),
+                    grad_clip=cfg.grad_clip)
         if cfg.zero_stage:
             if cfg.zero_stage == 3:
                 self.objective.register_external_parameters()
@@ -248,6 +289,12 @@ class Trainer:
             self._forward = self.objective
         with self.engine.gathered():
             self.ema = [p.detach().float().clone() for p in self.model.parameters()] if cfg.ema > 0 else None
+        self.ema_updates, self.ema_decay = 0, cfg.ema
+        if init_ema is not None and self.ema is not None:      # the checkpoint's EMA, decay and count continue
+            names = [n for n, _ in self.model.named_parameters()]
+            torch._foreach_copy_(self.ema, [init_ema["shadow"][n].to(self.device).float() for n in names])
+            self.ema_decay = init_ema["decay"] if init_ema["decay"] is not None else cfg.ema
+            self.ema_updates = init_ema["num_updates"] or 0
         self.ttable = None
         if cfg.curriculum_end > 0:
             self.ttable = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
@@ -266,17 +313,24 @@ class Trainer:
     def in_curriculum(self, step: int) -> bool:
         return self.ttable is not None and step < self.cfg.curriculum_end
 
-    def _inputs(self, x0: Tensor, step: int, discrete: bool, kernel_seed: int) -> dict[str, Any]:
-        """The random part of one objective evaluation (section 3-5), drawn from ``self.gen``."""
+    def _inputs(self, x0: Tensor, step: int, discrete: bool, kernel_seed: int, slot: int | None) -> dict[str, Any]:
+        """The random part of one objective evaluation (section 3-5), drawn from ``self.gen``.
+        ``slot`` (training micro-batches): the times are this micro-batch's slice of strata over
+        the global batch, as the public trainer draws them; None: strata over ``x0`` alone."""
         cfg = self.cfg
+        strata, first = None, 0
+        if slot is not None:
+            rank, j = slot % self.world, slot // self.world
+            strata, first = cfg.batch_size, (rank * self.accum + j) * x0.shape[0]
         if self.in_curriculum(step) and not discrete:
-            t = ref.stratified_times(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
+            t = ref.stratified_times(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64,
+                                     strata=strata, first=first)
             gamma = cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
             alpha, dT = self.ttable.alpha_and_derivative(gamma)
             seed = kernel_seed
             return dict(sigma=(-torch.log(alpha)).float(), alpha=alpha, dalpha=(cfg.gamma_max - cfg.gamma_min) * dT,
                         gamma=gamma, tau=tau_at(cfg, step), seed=seed)
-        zt, alpha, dalpha = discrete_nelbo_draws(x0, self.vocab_size, self.gen)
+        zt, alpha, dalpha = discrete_nelbo_draws(x0, self.vocab_size, self.gen, strata=strata, first=first)
         return dict(sigma=(-torch.log(alpha)).float(), alpha=alpha, dalpha=dalpha, zt=zt)
 
     def checks_at(self, step: int) -> bool:
@@ -284,15 +338,16 @@ class Trainer:
         return self.cfg.check_every > 0 and step % self.cfg.check_every == 0
 
     def loss_on(self, x0: Tensor, step: int, model: DiT | None = None, discrete: bool = False, slot: int = 0,
-                check: bool = False) -> Tensor:
+                check: bool = False, training: bool = True) -> Tensor:
         """Mean per-token NELBO of micro-batch ``x0`` (B, L) at training step ``step``; its noise
-        comes from ``(seed, step, slot)``."""
+        comes from ``(seed, step, slot)``; ``training``: its times are its slice of the global
+        batch's strata (else strata over ``x0``: validation)."""
         self.gen.manual_seed(micro_seed(self.cfg.seed, step, slot, 1))
         torch.manual_seed(micro_seed(self.cfg.seed, step, slot, 2))          # dropout
-        inputs = self._inputs(x0, step, discrete, micro_seed(self.cfg.seed, step, slot, 3))
+        inputs = self._inputs(x0, step, discrete, micro_seed(self.cfg.seed, step, slot, 3), slot if training else None)
         if model is None:
             return self._forward(x0, check=check, **inputs)
-        return DuoObjective(model, self.cfg)(x0, check=check, **inputs)
+        return DuoObjective(model, self.cfg, self.pad_id)(x0, check=check, **inputs)
 
     def train_step(self, step: int, check: bool = False) -> tuple[Tensor, Tensor, list[int]]:
         """One optimizer update from ``accum`` micro-batches of this rank, with no host read.
@@ -326,10 +381,13 @@ class Trainer:
         return float(loss.detach()), self.engine.grad_norm()
 
     def _update_ema(self) -> None:
+        """The public EMA: decay ``min(ema, (1 + n)/(10 + n))`` at its ``n``-th update (a host count)."""
         if self.ema is None:
             return
+        self.ema_updates += 1
         with torch.no_grad(), self.engine.gathered():
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - self.cfg.ema)
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()],
+                                 1 - ema_decay(self.ema_decay, self.ema_updates))
 
     def _ema_model(self) -> DiT:
         model = DiT(self.model.config).to(self.device).eval()
@@ -349,9 +407,24 @@ class Trainer:
         for i in range(min(self.cfg.val_batches, max(1, self.val_blocks.shape[0] // B))):
             x0 = self.val_blocks[i * B:(i + 1) * B].to(self.device)
             # a fixed stream per validation batch (step -1), the same at every call
-            losses.append(self.loss_on(x0, step=-1, model=model, discrete=True, slot=i * self.world + self.rank))
+            losses.append(self.loss_on(x0, step=-1, model=model, discrete=True, slot=i * self.world + self.rank,
+                                       training=False))
         value = float(torch.stack(losses).mean())
         return mean_over_ranks(value, self.device)
+
+    def sample_metrics(self, step: int) -> dict[str, Any]:
+        """``val_samples`` samples of the EMA (or raw) weights: their unigram entropy and, with
+        ``val_gen_ppl_model``, their generative perplexity (public protocol). Rank 0 samples;
+        the other ranks return {} (a collective only to gather ZeRO-3 weights)."""
+        from .evaluate import sample_metrics
+
+        cfg = self.cfg
+        with self.engine.gathered():
+            if self.rank != 0:
+                return {}
+            model = self._ema_model() if self.ema is not None else copy.deepcopy(self.model).eval()
+        return sample_metrics(model, self.tokenizer, cfg.val_samples, cfg.val_sample_steps, cfg.length, cfg.seed + step,
+                              self.device, cfg.val_gen_ppl_model)
 
     def export(self, path: str | Path, step: int) -> Path | None:
         """The EMA (or raw) weights in the public HF layout, written by rank 0."""
@@ -371,7 +444,8 @@ class Trainer:
 
     def save_checkpoint(self, root: Path, step: int, metrics: dict[str, Any]) -> Path:
         """A resumable checkpoint after ``step`` (a collective; see ``duo_fast.resume``)."""
-        shared = {"step": step, "ema": self.ema, "metrics": metrics, "world": self.world,
+        shared = {"step": step, "ema": self.ema, "ema_updates": self.ema_updates, "ema_decay": self.ema_decay,
+                  "metrics": metrics, "world": self.world,
                   "vocab_size": self.vocab_size, "config": dataclasses.asdict(self.cfg)}
         mine = {"rng": generator_states(self._gens(), self.device), "order": self.feeder.state_dict()}
         return write_checkpoint(root, step, self.engine, self.rank, shared, mine, keep=self.cfg.keep_checkpoints)
@@ -392,7 +466,24 @@ class Trainer:
         self.feeder.load_state_dict(mine["order"])
         if self.ema is not None:
             self.ema = [e.to(self.device) for e in shared["ema"]]
+        self.ema_updates = shared.get("ema_updates", shared["step"] + 1)
+        self.ema_decay = shared.get("ema_decay", self.cfg.ema)
         return shared
+
+
+def _init_from(model: DiT, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Load ``cfg.init_from`` into ``model`` (sizes must match); returns a .ckpt's EMA state, if any."""
+    from .pretrained import load_pretrained
+
+    src, info = load_pretrained(cfg.init_from, ema=cfg.init_weights == "ema")
+    have, want = src.config, model.config
+    for f in ("vocab_size", "model_length", "hidden_dim", "n_blocks", "n_heads", "cond_dim"):
+        if getattr(have, f) != getattr(want, f):
+            raise ValueError(f"--init-from {cfg.init_from}: its {f} is {getattr(have, f)}, this run's is "
+                             f"{getattr(want, f)} (see --model, --length, --tokenizer)")
+    with torch.no_grad():
+        model.load_state_dict(src.state_dict())
+    return info.ema_state
 
 
 def _device_sync(device: torch.device) -> None:
@@ -466,7 +557,7 @@ class _TrainRun:
 
     def _open_logs(self) -> None:
         self.log = open(self.out / "log.jsonl", "a") if self.rank0 else None
-        self.tb = None
+        self.tb = self.wandb = None
         if self.cfg.tensorboard and self.rank0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -474,6 +565,17 @@ class _TrainRun:
                 self.tb = SummaryWriter(str(self.out / "tb"))
             except ImportError:
                 print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
+        if self.cfg.wandb and self.rank0:
+            try:
+                import wandb
+            except ImportError:
+                print("duo-fast train: wandb is not installed (pip install 'duo-fast[wandb]'); logging to log.jsonl only")
+            else:
+                # one W&B run per run folder: a resumed run continues it
+                run_id = "duo-" + hashlib.sha1(str(self.out.resolve()).encode()).hexdigest()[:12]
+                wandb.init(project=self.cfg.wandb_project, id=run_id, resume="allow", dir=str(self.out),
+                           config=self.config, name=self.out.name)
+                self.wandb = wandb
 
     def loop(self) -> None:
         """The steps; host reads only at log, save and stop points (``_read_interval``)."""
@@ -498,8 +600,11 @@ class _TrainRun:
                 self.sums.append(sums)
                 stopping = agreed_stop(stop.after_step(step))
                 saving = cfg.save_every > 0 and (step + 1) % cfg.save_every == 0
-                if logging or stopping or saving:
+                validating = cfg.val_every > 0 and (step + 1) % cfg.val_every == 0 and step + 1 < cfg.steps
+                if logging or stopping or saving or validating:
                     self._read_interval(step, phase, logging)
+                if validating:
+                    self._validate_now(step)
                 if stopping or saving:
                     path = tr.save_checkpoint(self.ckpt_root, step, self.metrics)
                     if stopping:
@@ -509,6 +614,7 @@ class _TrainRun:
             stop.restore()
             if self.log is not None:
                 self.log.close()
+                self.log = None
 
     def _read_interval(self, step: int, phase: str, logging: bool) -> None:
         """The interval's one device read and one collective; the log line; validation after the curriculum."""
@@ -542,20 +648,59 @@ class _TrainRun:
             self.log.flush()
             if not self.show_bar and cfg.progress:
                 print(f"step {step}/{cfg.steps} {phase} loss {loss_now:.4f} {tps:,.0f} tokens/s", flush=True)
-            if self.tb is not None:
-                for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
-                    self.tb.add_scalar(f"train/{k}", rec[k], step)
+            self._scalars({f"train/{k}": rec[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s")}, step)
         if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
             metrics["val_curriculum"] = tr.validate()
         self.t_interval = time.perf_counter()
 
+    def _validate_now(self, step: int) -> float:
+        """Validation during training (every ``val_every`` steps, and at the end): the NELBO of
+        the EMA weights, optional samples' entropy and generative perplexity, the best weights
+        exported to OUT/best; one log record (JSONL, TensorBoard, W&B)."""
+        cfg, tr, metrics = self.cfg, self.tr, self.metrics
+        value = tr.validate()
+        rec: dict[str, Any] = {"step": step, "val_nelbo": value, "val_ppl_bound": math.exp(min(value, 50.0))}
+        if cfg.val_samples > 0:
+            rec.update(tr.sample_metrics(step))
+        best = metrics.get("best") or {}
+        if math.isfinite(value) and value < best.get("val_nelbo", math.inf):
+            metrics["best"] = {"step": step, "val_nelbo": value}
+            tr.export(self.out / "best", step)
+            rec["best"] = True
+        metrics.setdefault("val_history", []).append(rec)
+        if self.rank0:
+            if self.log is not None:
+                self.log.write(json.dumps(rec) + "\n")
+                self.log.flush()
+            self._scalars({f"val/{k}": v for k, v in rec.items() if k not in ("step", "best")}, step)
+            if cfg.progress and not self.show_bar:
+                print(f"step {step}/{cfg.steps} validation NELBO {value:.4f}" + (" (best)" if rec.get("best") else ""),
+                      flush=True)
+        self.t_interval = time.perf_counter()
+        return value
+
+    def _scalars(self, values: dict[str, Any], step: int) -> None:
+        """Numbers to TensorBoard and W&B (rank 0)."""
+        values = {k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
     def finish(self) -> dict[str, Any]:
         """Final checkpoint, validation, export and ``summary.json``."""
         cfg, tr, metrics = self.cfg, self.tr, self.metrics
+        if self.rank0:
+            self.log = open(self.out / "log.jsonl", "a")
+        val_end = self._validate_now(cfg.steps - 1)             # before the checkpoint: it holds the best so far
+        if self.log is not None:
+            self.log.close()
         if latest_checkpoint(self.ckpt_root) != self.ckpt_root / f"step{cfg.steps - 1:09d}":
             tr.save_checkpoint(self.ckpt_root, cfg.steps - 1, metrics)        # the finished run can be extended
-        val_end = tr.validate()
         export = tr.export(self.out / "export", cfg.steps)
+        if self.wandb is not None:
+            self.wandb.finish()
         if not self.rank0:
             return {}
         phases = {}
@@ -568,7 +713,8 @@ class _TrainRun:
         summary = {
             "train_loss": phases, "val_nelbo_start": metrics["val_start"],
             "val_nelbo_after_curriculum": metrics["val_curriculum"], "val_nelbo_end": val_end,
-            "val_ppl_bound_end": math.exp(min(val_end, 50.0)), "tokens_per_s": tokens_per_s,
+            "val_ppl_bound_end": math.exp(min(val_end, 50.0)), "best": metrics.get("best"),
+            "validations": metrics.get("val_history", []), "tokens_per_s": tokens_per_s,
             "mfu": {k: v * self.flops_tok / self.peak for k, v in tokens_per_s.items()} if self.peak else None,
             "world_size": tr.world, "zero_stage": cfg.zero_stage, "export": str(export), "config": self.config,
             "status": "finished", "steps_done": cfg.steps, "environment": environment(tr.device),

@@ -112,10 +112,21 @@ def _bad_inputs(run: Path, d: Path) -> list[tuple[list[str], str]]:
         (["sample", *ckpt, "--psi-kappa", "5"], "--psi-kappa"),
         (["sample", *ckpt, "--psi-kappa", "a,b"], "--psi-kappa"),
         (["sample", *ckpt, "--out", str(d)], "is a folder"),
+        (["sample", *ckpt, "--psi-high-mode", "remdm-0.1"], "--psi-high-mode"),
+        (["sample", *ckpt, "--psi-time-profile", "linear-constant-linear-2"], "--psi-time-profile"),
+        (["sample", *ckpt, "--psi-high-frac", "0.8", "--psi-middle-frac", "0.5"], "high_frac + middle_frac"),
+        (["sample", *ckpt, "--psi-preset", "duo-loop-remdm", "--psi-kappa", "0.5"], "--psi-kappa"),
+        (["sample", *ckpt, "--psi-preset", "nope"], "--psi-preset"),
+        (["sample", *ckpt, "--infill", "no gaps here"], "--infill"),
+        (["sample", *ckpt, "--infill", "a [GAP:x] b"], "--infill"),
+        (["sample", *ckpt, "--infill", "a [GAP:0] b"], "--infill"),
+        (["sample", *ckpt, "--prompt-file", str(d / "no-prompts.txt")], "--prompt-file"),
+        (["sample", *ckpt, "--prompt", "a", "--infill", "b [GAP:2]"], "not allowed with"),
+        (["sample", *ckpt, "--prompt", "word " * 40, "--length", "8"], "longer than the sampled length 8"),
         (["sample", "--checkpoint", str(d / "nothing-here")], "--checkpoint"),
         (["sample", "--checkpoint", str(d / "empty.txt")], "--checkpoint"),
         (["sample", *ckpt, "--tokenizer", str(d / "no-tokenizer")], "--tokenizer"),
-        (["eval", *ckpt], "give --dataset, --gen-ppl-model, or both"),
+        (["eval", *ckpt], "give --dataset, --gen-ppl (or --gen-ppl-model), or both"),
         (["eval", *ckpt, "--dataset", "bundled", "--eval-batch", "0"], "--eval-batch must be >= 1"),
         (["eval", *ckpt, "--dataset", "bundled", "--eval-length", "1"], "--eval-length must be >= 2"),
         (["eval", *ckpt, "--dataset", "nonsense"], "unknown evaluation dataset"),
@@ -221,7 +232,7 @@ def test_resume_allows_safe_changes_and_logs_them(finished_run, tmp_path):
     shutil.copytree(finished_run, run)
     assert main(["train", *TINY, "--steps", "6", "--ema", "0", "--save-every", "3", "--out", str(run)]) == 0
     records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "step" in r]
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(6))
     event = next(r for r in records if r.get("event") == "resume")
     changes = {k: v for k, v in event["changes"].items() if k != "out"}          # the copy has another path
@@ -249,7 +260,7 @@ def test_planted_pickle_is_refused_unrun_and_the_previous_checkpoint_used(finish
     out = capsys.readouterr().out
     assert "step000000003 is unusable" in out and "state.pt" in out
     assert (run / "checkpoints" / "corrupt-step000000003").is_dir()                # moved aside, not deleted
-    steps = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "step" in r]
+    steps = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(5))                                                 # resumed after step 1
 
 
@@ -273,10 +284,10 @@ def test_crash_mid_save_then_resume_logs_each_step_once(tmp_path, monkeypatch):
     env = dict(os.environ, DUO_FAST_TEST_DIE_IN_SAVE="5")
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 17, proc.stderr[-2000:]
-    logged = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "step" in r]
+    logged = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert logged == list(range(6))                                  # steps 3-5 logged, checkpoint only at 2
     assert main(args) == 0
-    steps = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "step" in r]
+    steps = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(8))
 
 

@@ -25,8 +25,11 @@ def test_dt_schedule():
     cfg = DistillConfig(checkpoint="x", update_every=5, t_grid=8)
     assert [dcd_gap(s, cfg) for s in (0, 4, 5, 10, 15, 100)] == [(0, 0.125), (0, 0.125), (1, 0.25), (2, 0.5),
                                                                   (3, 1.0), (20, 1.0)]
-    lin = DistillConfig(checkpoint="x", update_every=5, t_grid=8, dt_growth="linear")
-    assert dcd_gap(12, lin) == (2, 3 / 8)
+    # the public linear_growth_dt: dt_min + (step / steps)(dt_max - dt_min), whatever the round
+    lin = DistillConfig(checkpoint="x", update_every=5, t_grid=8, dt_growth="linear", steps=100)
+    assert dcd_gap(0, lin) == (0, 0.001)
+    assert dcd_gap(12, lin) == (2, pytest.approx(0.001 + 0.12 * (0.25 - 0.001)))
+    assert dcd_gap(100, lin)[1] == pytest.approx(0.25)
 
 
 def test_kl_directions():
@@ -43,8 +46,10 @@ def test_distill_rounds_then_sample(tmp_path):
     assert main(["distill", "--checkpoint", ckpt, "--dataset", "bundled", "--batch-size", "4", "--steps", "20",
                  "--update-every", "5", "--t-grid", "8", "--warmup-steps", "2", "--lr", "1e-4", "--ema", "0.9",
                  "--out", str(out), "--no-progress"]) == 0
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    log = [r for r in records if "loss" in r]
     assert [r["step"] for r in log] == list(range(20))
+    assert [r["step"] for r in records if "val_nelbo" in r] == [19]          # validation at the end
     refreshed = [r["step"] for r in log if r["teacher_refreshed"]]
     assert refreshed == [5, 10, 15]
     dts = {r["round"]: r["dt"] for r in log}
@@ -87,7 +92,7 @@ def test_distill_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
     b = load_file(str(tmp_path / "cut" / "export" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     records = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "step" in r] == list(range(12))          # each step once
+    assert [r["step"] for r in records if "loss" in r] == list(range(12))          # each step once
     assert [r["next_step"] for r in records if r.get("event") == "resume"] == [6]
 
 

@@ -14,6 +14,7 @@ import torch
 
 from duo_fast.hostsync import HostSyncCounter
 from duo_fast.model import DiT, DiTConfig
+from duo_fast.psi import PSI_PRESETS
 from duo_fast.sampling import SamplerConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,15 @@ SAMPLERS = {
     "none": dict(noise_removal="none"),
     "psi": dict(kappa=(0.2, 0.9), noise_removal="ancestral"),
     "nucleus": dict(top_p=0.9, fused=False),
+    "nucleus-fused": dict(top_p=0.9),
     "unfused": dict(fused=False),
+    "psi-preset": dict(psi=PSI_PRESETS["duo-loop-remdm"]["psi"], top_p=0.95, noise_removal="ancestral"),
+    "prompt": dict(),
+    "infill": dict(noise_removal="ancestral"),
+}
+CONDITIONING = {
+    "prompt": dict(prefix=torch.tensor([5, 6, 7])),
+    "infill": dict(prefix=torch.tensor([1, 0, 0, 4]), known_mask=torch.tensor([True, False, False, True])),
 }
 
 
@@ -38,7 +47,7 @@ def test_sampling_loop_has_no_host_round_trips(monkeypatch, impl, variant):
     for steps in (1, 5):
         with HostSyncCounter() as c:
             ids, stats = generate(model, SamplerConfig(steps=steps, batch=3, length=24, **SAMPLERS[variant]),
-                                  progress=False)
+                                  progress=False, **CONDITIONING.get(variant, {}))
         assert c.total == 0, f"{variant}/{impl}, {steps} steps: {dict(c.counts)}\n" + "\n".join(c.where[:6])
         assert ids.shape == (3, 24) and stats["wall_seconds"] >= stats["loop_seconds"] > 0
 
@@ -89,7 +98,7 @@ def test_non_finite_step_is_skipped_on_the_device(tmp_path):
     from duo_fast.engine import TorchEngine
 
     net = torch.nn.Linear(4, 3)
-    eng = TorchEngine(net, lr=0.1, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=1, grad_clip=1.0, accum=1)
+    eng = TorchEngine(net, lr=0.1, betas=(0.9, 0.999), weight_decay=0.0, lr_lambda=lambda k: 1.0, grad_clip=1.0, accum=1)
     x = torch.randn(5, 4)
     loss = net(x).square().mean()
     eng.backward(loss)
@@ -142,6 +151,8 @@ ALLOWED = {
     ("duo_fast/steploop.py", "_splitmix64"): "Python ints",
     ("duo_fast/train.py", "step"): "Trainer.step reads back for tests and notebooks",
     ("duo_fast/train.py", "validate"): "validation, outside the step loop",
+    ("duo_fast/train.py", "Trainer.sample_metrics"): "validation samples, outside the step loop",
+    ("duo_fast/train.py", "_TrainRun._validate_now"): "validation, outside the step loop",
     ("duo_fast/train.py", "_TrainRun._read_interval"): "the loop's log-step block",
     ("duo_fast/train.py", "_TrainRun.finish"): "after the loop",
     ("duo_fast/train.py", "tau_at"): "Python floats",
@@ -157,6 +168,8 @@ ALLOWED = {
     ("duo_fast/ops/relaxed.py", "relaxed_embedding"): "float(tau) of the caller's Python tau",
     ("duo_fast/steploop.py", "BatchFeeder._stage"): "the block indices are host tensors (crc32 of them)",
     ("kernels/sample_posterior.py", "_seed_args"): "int(seed) of a caller's int seed",
+    ("kernels/sample_posterior.py", "nucleus_cut_fwd"): "float(top_p) of the caller's Python top_p",
+    ("duo_fast/sampling.py", "_conditioning"): "the caller's prefix checked and staged once, before the loop",
 }
 
 READS = {"item", "tolist", "numpy", "cpu"}

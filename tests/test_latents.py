@@ -101,6 +101,11 @@ def test_qt_marginal_and_times():
     x0 = torch.randint(0, K, (1, n))
     z = ref.sample_qt(x0, 0.3, K, generator=torch.Generator().manual_seed(0))
     assert_binomial(int((z == x0).sum()), n, 0.3 + 0.7 / K, what="q_t keeps x")
-    t = ref.stratified_times(8, generator=torch.Generator().manual_seed(0))
+    t = ref.stratified_times(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert ((t >= 1e-3) & (t <= 1)).all()
-    assert torch.allclose(torch.sort(((t - 1e-3) / (1 - 1e-3)) * 8 % 1).values.diff(), torch.zeros(7), atol=1e-5)
+    # the public rule: stratum k holds (u_k + k)/n with its own u_k (not one shared offset)
+    assert torch.equal(((t - 1e-3) / (1 - 1e-3) * 8).floor(), torch.arange(8, dtype=torch.float64))
+    assert ((t - 1e-3) / (1 - 1e-3) * 8 % 1).unique().numel() == 8
+    # a micro-batch's slice of the global batch's strata: strata 16..23 of 64
+    part = ref.stratified_times(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, strata=64, first=16)
+    assert torch.equal(((part - 1e-3) / (1 - 1e-3) * 64).floor(), torch.arange(16, 24, dtype=torch.float64))

@@ -336,3 +336,46 @@ def test_sample_from_a_public_ckpt_uses_its_pickled_tokenizer(tmp_path, capsys):
     assert "CUDA-graph capture" in text and "wall time" in text
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["token_ids"]) == 16 and isinstance(r["text"], str) for r in rows)
+
+
+def test_gen_ppl_follows_the_public_protocol(tiny_export, tmp_path):
+    """The public rule, written out position by position: texts decoded with their special
+    tokens, the scorer's tokenizer padding with EOS, truncation to the sample length, batches of
+    2 with the last partial batch dropped, and a target counted when it is not EOS or is its
+    row's first EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from duo_fast.evaluate import generative_perplexity
+
+    _, tok = tiny_export
+    lm_dir = tmp_path / "lm"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    eos = tok.eos_token
+    texts = [f"the cat sat{eos} on the mat{eos}{eos}", "a short one", f"{eos}{eos} starts with two end tokens and goes on",
+             "a text long enough to be truncated at twelve tokens by the scorer's tokenizer, surely", "dropped"]
+    got = generative_perplexity(texts, str(lm_dir), max_length=12, batch_size=2)
+
+    scorer_tok, lm = AutoTokenizer.from_pretrained(lm_dir), AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    if scorer_tok.pad_token is None:
+        scorer_tok.pad_token = scorer_tok.eos_token
+    eos_id = scorer_tok.eos_token_id
+    nll, count, targets = 0.0, 0, 0
+    for b in range(len(texts) // 2):                         # 2 batches: the fifth text is not scored
+        enc = scorer_tok(texts[2 * b:2 * b + 2], return_tensors="pt", truncation=True, padding=True, max_length=12)
+        with torch.no_grad():
+            logp = lm(enc["input_ids"], attention_mask=enc["attention_mask"]).logits.double().log_softmax(-1)
+        for i, row in enumerate(enc["input_ids"].tolist()):
+            assert len(row) <= 12
+            first = row.index(eos_id) if eos_id in row else None
+            for k in range(1, len(row)):
+                targets += 1
+                if row[k] != eos_id or k == first:
+                    nll -= float(logp[i, k - 1, row[k]])
+                    count += 1
+    assert count < targets, "the texts must contain EOS tokens that do not count"
+    assert got["samples_scored"] == 4 and got["tokens"] == count
+    assert got["gen_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    full = generative_perplexity(texts, str(lm_dir), protocol="full")
+    assert full["samples_scored"] == 5 and full["tokens"] > count

@@ -42,7 +42,7 @@ def _torchrun(args: list[str], nproc: int = 2, env: dict[str, str] | None = None
 
 def _log(out: Path) -> list[dict]:
     """The step records of a run's log (resume markers left out)."""
-    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "step" in r]
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -145,7 +145,9 @@ def test_zero2_two_ranks_follow_the_single_process_trajectory(tmp_path):
     r-th slice of each global micro-batch, so 2 ranks x 1 micro-batch under ZeRO-2 and 1 process x
     2 accumulated micro-batches compute the same steps: the loss trajectory agrees within 1e-5
     relative (fp32; only the order of the gradient sums differs), and the EMA exported from
-    ZeRO-2's float32 weights equals the single-process EMA within 1e-5."""
+    ZeRO-2's float32 weights equals the single-process EMA within 5e-5 (with the public EMA
+    warm-up the average follows the latest weights, which carry those fp32 rounding differences
+    of 8 updates)."""
     common = ["--steps", "8", "--curriculum-end", "4", "--ema", "0.9", "--dropout", "0.1"]
     one = tmp_path / "one"
     proc = _torchrun([*common, "--zero-stage", "0", "--micro-batch-size", "4", "--out", str(one)], nproc=1)
@@ -162,7 +164,7 @@ def test_zero2_two_ranks_follow_the_single_process_trajectory(tmp_path):
     wa, wb = _weights(one), _weights(two)
     assert all(v.dtype == torch.float32 for v in wb.values())
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst <= 1e-5, f"EMA of the ZeRO-2 run differs from the single-process one by {worst:.2e}"
+    assert worst <= 5e-5, f"EMA of the ZeRO-2 run differs from the single-process one by {worst:.2e}"
 
 
 def test_deepspeed_config_keeps_float32_weights():

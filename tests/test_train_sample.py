@@ -94,3 +94,36 @@ def test_sampler_is_seeded_and_in_range():
     for ids, _ in outs:
         assert ids.shape == (4, 16) and ids.min() >= 0 and ids.max() < 50
     assert outs[0][1]["nfe"] == 3 and outs[4][1]["nfe"] == 4
+
+
+def test_cli_prompts_infill_and_psi_presets(tmp_path, capsys):
+    """--prompt/--prompt-file/--infill keep their tokens in the JSONL rows; a --psi-preset runs with an
+    explicit --steps overriding the recipe's 256."""
+    cfg = _tiny(tmp_path, steps=2, curriculum_end=1)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}))
+    assert main(["train", "--config", str(cfg_file), "--steps", "2"]) == 0
+    ckpt = ["--checkpoint", str(tmp_path / "run" / "export"), "--no-progress", "--steps", "2", "--batch", "2"]
+    out = tmp_path / "p.jsonl"
+    assert main(["sample", *ckpt, "--prompt", "the cat", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    from duo_fast.data import get_tokenizer
+
+    tok = get_tokenizer("bundled", cfg.tokenizer_vocab)
+    want = [tok.bos_token_id] * (tok.bos_token_id is not None) + tok.encode("the cat", add_special_tokens=False)
+    assert len(rows) == 2 and all(r["prompt"] == "the cat" and r["token_ids"][:len(want)] == want for r in rows)
+    (tmp_path / "prompts.txt").write_text("one line\n\nanother line\n")
+    assert main(["sample", *ckpt, "--prompt-file", str(tmp_path / "prompts.txt"), "--num-samples", "3", "--out",
+                 str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["one line"] * 3 + ["another line"] * 3
+    assert main(["sample", *ckpt, "--infill", "a [GAP:3] b", "--no-prompt-bos", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    a, b = tok.encode("a ", add_special_tokens=False), tok.encode(" b", add_special_tokens=False)   # pieces apart
+    for r in rows:
+        ids = r["token_ids"]
+        assert ids[:len(a)] == a and ids[len(a) + 3:len(a) + 3 + len(b)] == b and r["template"] == "a [GAP:3] b"
+    capsys.readouterr()
+    assert main(["sample", *ckpt, "--psi-preset", "duo-max-rescale-eta"]) == 0
+    text = capsys.readouterr().out
+    assert "2 steps + ancestral final step" in text and "max-rescale-0.05" in text and "nucleus top-p 0.9: " in text

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 __all__ = ["bundled_documents", "bundled_corpus_path", "get_tokenizer", "train_bpe_tokenizer",
-           "load_text_documents", "wrap_blocks", "tokenize_documents", "special_ids", "blocks_from_documents",
-           "check_tokenizer_vocab", "held_out_split", "hub_error",
+           "load_text_documents", "wrap_blocks", "padded_blocks", "loss_mask_id", "PADDED_DATASETS",
+           "tokenize_documents", "special_ids", "blocks_from_documents", "check_tokenizer_vocab", "held_out_split",
+           "hub_error",
            "BlockDataset"]
 
 _HERE = Path(__file__).resolve().parent
@@ -129,16 +130,47 @@ def tokenize_documents(tokenizer: Any, documents: Sequence[str], batch_size: int
     return out
 
 
-def blocks_from_documents(tokenizer: Any, documents: Sequence[str], length: int) -> torch.Tensor:
-    """Tokenise ``documents`` and wrap them into (N, length) blocks with the tokenizer's BOS/EOS."""
+def blocks_from_documents(tokenizer: Any, documents: Sequence[str], length: int, insert_eos: bool = True,
+                          padded: bool = False) -> torch.Tensor:
+    """Tokenise ``documents`` into (N, length) blocks: wrapped with the tokenizer's BOS/EOS (EOS
+    after each document when ``insert_eos``), or with ``padded`` one block per document as the
+    public unwrapped data (:func:`padded_blocks`)."""
+    if padded:
+        return padded_blocks(tokenizer, documents, length)
     bos, eos = special_ids(tokenizer)
-    return wrap_blocks(tokenize_documents(tokenizer, documents), length, bos, eos)
+    return wrap_blocks(tokenize_documents(tokenizer, documents), length, bos, eos, insert_eos=insert_eos)
+
+
+def padded_blocks(tokenizer: Any, documents: Sequence[str], length: int, batch_size: int = 1000) -> torch.Tensor:
+    """The public unwrapped data (``data=lm1b``): each document alone, with the tokenizer's own
+    special tokens (BERT: ``[CLS] .. [SEP]``), truncated on the right to ``length`` and padded on
+    the right with the pad token. The loss ignores the padding (``loss_mask_id``). (N, length) int64."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("padded blocks need a tokenizer with a pad token")
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
+    rows = []
+    for i in range(0, len(documents), batch_size):
+        enc = tokenizer(list(documents[i:i + batch_size]), max_length=length, padding="max_length", truncation=True,
+                        add_special_tokens=True)["input_ids"]
+        rows.append(torch.tensor(enc, dtype=torch.int64).reshape(-1, length))
+    if not rows:
+        raise ValueError("no documents to pad into blocks")
+    return torch.cat(rows)
+
+
+PADDED_DATASETS = ("lm1b",)       # trained on padded sentences, as the public data=lm1b (wrap: False)
+
+
+def loss_mask_id(dataset: str, tokenizer: Any) -> int | None:
+    """The id whose positions the loss ignores: the pad token for padded data sets, else None."""
+    return tokenizer.pad_token_id if dataset in PADDED_DATASETS else None
 
 
 def wrap_blocks(token_lists: Iterable[Sequence[int]], length: int, bos_id: int, eos_id: int,
-                batch_docs: int = 1000) -> torch.Tensor:
-    """The public code's wrapping: each document's ids followed by EOS; within each batch of
-    ``batch_docs`` documents (``datasets.map(batched=True)``'s default, single process) the ids are
+                batch_docs: int = 1000, insert_eos: bool = True) -> torch.Tensor:
+    """The public code's wrapping: each document's ids followed by EOS (unless ``insert_eos`` is
+    off, as the public zero-shot evaluation runs it); within each batch of ``batch_docs``
+    documents (``datasets.map(batched=True)``'s default, single process) the ids are
     concatenated and cut into chunks of ``length - 2``, the batch's remainder dropped; every block
     is ``[BOS] + chunk + [EOS]``. Returns (N, length) int64; every block fully valid."""
     if length < 3:
@@ -149,7 +181,8 @@ def wrap_blocks(token_lists: Iterable[Sequence[int]], length: int, bos_id: int, 
         raise ValueError("no documents to wrap")
     rows: list[np.ndarray] = []
     for start in range(0, len(docs), batch_docs):
-        flat = np.fromiter((t for ids in docs[start:start + batch_docs] for t in (*ids, eos_id)), dtype=np.int64)
+        tail = (eos_id,) if insert_eos else ()
+        flat = np.fromiter((t for ids in docs[start:start + batch_docs] for t in (*ids, *tail)), dtype=np.int64)
         n = flat.size // chunk
         if n:
             body = flat[: n * chunk].reshape(n, chunk)
@@ -166,6 +199,7 @@ _HUB = {
     "wikitext103": ("wikitext", "wikitext-103-raw-v1", "text"),
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
     "lm1b": ("lm1b", None, "text"),
+    "lm1b-wrap": ("lm1b", None, "text"),
 }
 
 
@@ -256,8 +290,9 @@ def _hub_documents(datasets: Any, source: str, name: str, config: str | None, fi
     validation is its test split; LM1B and WikiText are detokenised for training too."""
     from ..evaluate import DETOKENIZERS
 
-    detok = {"lm1b": "lm1b", "wikitext103": "wikitext", "wikitext2": "wikitext"}.get(source)
-    docs = _hub_split(datasets, source, name, config, field, "test" if source == "lm1b" and split != "train" else split)
+    detok = {"lm1b": "lm1b", "lm1b-wrap": "lm1b", "wikitext103": "wikitext", "wikitext2": "wikitext"}.get(source)
+    lm1b = source in ("lm1b", "lm1b-wrap")
+    docs = _hub_split(datasets, source, name, config, field, "test" if lm1b and split != "train" else split)
     return [DETOKENIZERS[detok](d) for d in docs] if detok else docs
 
 

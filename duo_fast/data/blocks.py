@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["cached_blocks", "MappedBlocks", "BlockOrder", "cache_dir"]
 
-_FORMAT = 3     # 2: held-out split of local files; 3: the public code's wrapping rule
+_FORMAT = 4     # 2: held-out split of local files; 3: the public code's wrapping rule; 4: padded LM1B
 
 
 def cache_dir() -> Path:
@@ -65,8 +65,8 @@ class MappedBlocks:
 def cached_blocks(dataset: str, split: str, tokenizer: Any, tokenizer_name: str, length: int,
                   directory: str | Path | None = None, val_fraction: float = 0.05) -> MappedBlocks:
     """The (N, length) blocks of ``dataset``'s ``split``, memory-mapped from the cache; tokenised,
-    wrapped with BOS/EOS and cached first if they are not there."""
-    from . import blocks_from_documents, load_text_documents
+    wrapped with BOS/EOS (padded sentences for ``PADDED_DATASETS``) and cached first if they are not there."""
+    from . import PADDED_DATASETS, blocks_from_documents, load_text_documents
 
     key = {"format": _FORMAT, "source": _source_stamp(dataset), "split": split, "tokenizer": tokenizer_name,
            "vocab": len(tokenizer), "length": length, "val_fraction": val_fraction}
@@ -75,7 +75,7 @@ def cached_blocks(dataset: str, split: str, tokenizer: Any, tokenizer_name: str,
     path = folder / f"{digest}.npy"
     if not path.exists():
         blocks = blocks_from_documents(tokenizer, load_text_documents(dataset, split, val_fraction=val_fraction),
-                                       length)
+                                       length, padded=dataset in PADDED_DATASETS)
         dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{digest}.{os.getpid()}.tmp.npy"
