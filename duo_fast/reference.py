@@ -20,7 +20,7 @@ __all__ = [
     "rb_loss_ref", "rb_loss_direct_ref", "rb_loss_grad_ref",
     "gaussian_coefficients", "gaussian_latents_ref", "relaxed_embedding_ref",
     "topk_order_statistics", "floyd_distinct", "topk_relaxation_ref",
-    "coupled_argmax_dense_ref", "coupled_argmax_ref", "per_token",
+    "coupled_argmax_dense_ref", "coupled_argmax_ref", "per_token", "exponential_from_bits", "exponential_draws",
 ]
 
 
@@ -53,6 +53,26 @@ def alpha_cosine(t: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
     """
     u = 0.5 * math.pi * (1.0 - (1.0 - eps) * t)
     return 1.0 - torch.cos(u), -0.5 * math.pi * (1.0 - eps) * torch.sin(u)
+
+
+def exponential_from_bits(r: Tensor, bits: int = 32) -> Tensor:
+    """Exp(1) variates from uniform integers ``r`` in ``[0, 2^bits)`` by inversion, with full
+    relative precision in both tails (docs/math.md, "Random draws"): the upper half of the
+    integers gives ``-log(U)``, ``U = (m + 1/2) 2^-bits``, the lower half ``-log1p(-V)``, ``V`` the
+    same from the other end, ``m < 2^(bits-1)`` exact. float32 result; the Triton kernels apply
+    the same map to Philox words (``kernels._common.exponential32``)."""
+    half = 1 << (bits - 1)
+    up = r >= half
+    x = (torch.where(up, (1 << bits) - 1 - r, r).float() + 0.5) * 2.0 ** -bits
+    return torch.where(up, -torch.log(x), -torch.log1p(-x))
+
+
+def exponential_draws(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """Exp(1) float32 draws of ``shape`` with exact tails: 31 random bits per draw (torch's
+    ``random_`` on int32), range [2.3e-10, 22.2], so a Gumbel ``-log E`` spans 25.3 nats."""
+    r = torch.empty(shape, dtype=torch.int32, device=device).random_(generator=generator)
+    return exponential_from_bits(r, bits=31)
 
 
 def stratified_times(n: int, *, eps: float = 1e-3, generator: torch.Generator | None = None,

@@ -51,12 +51,13 @@ __all__ = ["H100", "SHAPES", "capture_launches", "jit_compile", "specialization_
 H100 = {
     "sms": 132, "schedulers_per_sm": 4, "clock_hz": 1.755e9, "hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12,
     "regs_per_sm": 65536, "max_warps_per_sm": 64, "max_ctas_per_sm": 32, "smem_per_sm": 228 * 1024,
-    "smem_reserved_per_cta": 1024, "l2_bytes": 50 * 2**20, "gemm_efficiency": 0.6,
+    "smem_reserved_per_cta": 1024, "l2_bytes": 50 * 2**20, "gemm_efficiency": 0.6, "fp32_flops": 67e12,
 }
 H100_NOTES = {
     "clock_hz": "sustained SM clock assumed for issue time", "gemm_efficiency":
     "fraction of the bf16 peak assumed for the denoiser's cuBLAS/attention work in the whole-step estimate "
     "(the operators' own GEMMs are taken at the peak: a floor)",
+    "fp32_flops": "FP32 (non-tensor-core) peak: float32 matmuls with TF32 off, PyTorch's default",
 }
 
 # the GPU shapes of the small preset
@@ -288,10 +289,11 @@ def estimate_launch(sass: dict[str, Any], warps: int, shared: int, grid: tuple[i
             "waves": waves, "hot_loop_spills": spills_hot, **occ}
 
 
-def _gemm(name: str, m: int, n: int, k: int, in_bytes: int = 2, out_bytes: int = 2) -> dict[str, Any]:
+def _gemm(name: str, m: int, n: int, k: int, in_bytes: int = 2, out_bytes: int = 2,
+          rate: str = "bf16_flops") -> dict[str, Any]:
     flops = 2.0 * m * n * k
     data = (m * k + n * k) * in_bytes + m * n * out_bytes
-    ms = max(flops / H100["bf16_flops"], data / H100["hbm_bytes_per_s"]) * 1e3
+    ms = max(flops / H100[rate], data / H100["hbm_bytes_per_s"]) * 1e3
     return {"step": name, "kind": "gemm", "flops": flops, "hbm_bytes": data, "estimate_ms": ms}
 
 
@@ -553,11 +555,14 @@ def _relaxed(dtype_name: str, sparse: bool, arch: int) -> dict[str, Any]:
     nk = N * K
     # the exact dense relaxation's floor: its two GEMMs (P @ E, P^T dh) at the bf16 peak
     floor = 2 * 2.0 * N * K * D / H100["bf16_flops"]
+    # The public curriculum: its trainer runs the denoiser under autocast(dtype=float32) and the DiT
+    # enters bf16 autocast only after the embedding, whose einsum takes softmax(...).float() and
+    # embedding.float(): a float32 GEMM (TF32 is off by default), forward and backward.
     ref = [_pass("one_hot(x0) int64", nk, 8), _pass("randn fp32", nk, 4), _pass("at * one_hot", nk, 8 + 4),
            _pass("st * eps", nk, 4 + 4), _pass("+", nk, 8 + 4), _pass("* 1/tau", nk, 4 + 4), _pass("argmax", nk, 4),
-           _pass("softmax (fp32)", nk, 4 + 4), _pass("to bf16 for the einsum (autocast)", nk, 4 + 2),
-           _pass("embedding to bf16", K * D, 4 + 2), _gemm("P @ E (bf16 autocast)", N, D, K),
-           _gemm("dE = P^T dh", K, D, N)]
+           _pass("softmax (fp32)", nk, 4 + 4), _pass("embedding .float()", K * D, es + 4),
+           _gemm("P @ E (fp32 einsum)", N, D, K, 4, 4, "fp32_flops"),
+           _gemm("dE = P^T dh (fp32)", K, D, N, 4, 4, "fp32_flops")]
     return {"op": f"curriculum relaxation fwd+bwd ({'sparse' if sparse else 'dense'})", "dtype": dtype_name, "N": N,
             "ours": steps, "reference": ref, "floor_ms": floor * 1e3}
 

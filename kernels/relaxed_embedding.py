@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, mma
+from ._common import cast, interpreting, mma, normal32
 
 __all__ = ["relaxed_stats", "relaxed_fwd", "relaxed_bwd", "fwd_blocks", "stats_blocks", "bwd_blocks",
            "sparse_delta", "warps"]
@@ -55,9 +55,7 @@ def _noise(seed, rows, cols, eps_ptr, stride_en, mask, HAS_EPS: tl.constexpr):
         c0 = cols[None, :] + rows[:, None] * 0
         c1 = rows[:, None] + cols[None, :] * 0
         r0, r1, _, _ = tl.philox(seed, c0, c1, c0 * 0 + 2, c0 * 0)
-        u1 = ((r0 >> 9).to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 8388608.0)        # (0, 1)
-        u2 = (r1 >> 9).to(tl.int32).to(tl.float32) * (1.0 / 8388608.0)                # [0, 1)
-        eps = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+        eps = normal32(r0, r1)
     return eps
 
 

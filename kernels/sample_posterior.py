@@ -11,7 +11,9 @@ weights. No ``B x L x K`` temporary exists.
 
 Randomness: Philox keyed by ``seed``, counters ``(vocab index, row, stream, 0)``: the Gumbel
 noise of a (row, vocab index) is the same whatever the block sizes, so the fused-linear kernel
-draws exactly what the logits kernel draws. The mixture uniform has 53 bits; the uniform id
+draws exactly what the logits kernel draws. The Gumbel is ``-log E`` with ``E = exponential32``
+of one Philox word (26 nats of range: no id within 25 nats of the top is ever excluded). The
+mixture uniform has 53 bits; the uniform id
 uses ``(r * K) >> 32`` (relative bias at most ``K / 2^32``).
 
 ``FINAL``: 0 posterior at ``(a_s, a_t)``, 1 ancestral final step (``a_s = 1``), 2 greedy
@@ -24,20 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, mma
+from ._common import exponential32, interpreting, mma
 
 __all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks"]
 
 _GUMBEL_STREAM = 0
 _MIX_STREAM = 1
-
-
-@triton.jit
-def _uniform23(r):
-    """uint32 -> float32 uniform in the open interval (0, 1): 23 bits, so that the largest value,
-    1 - 2^-24, is representable (24 bits would round 1 - 2^-25 up to 1.0, making log(-log u)
-    infinite)."""
-    return ((r >> 9).to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit
@@ -87,7 +81,7 @@ def _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed, F
         c0 = cols[None, :] + rows[:, None] * 0
         c1 = rows[:, None] + cols[None, :] * 0
         r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)          # stream 0: Gumbel noise
-        score = logit - tl.log(-tl.log(_uniform23(r)))
+        score = logit - tl.log(exponential32(r))                       # Gumbel: -log of an Exp(1)
     blk_v = tl.max(score, 1)
     blk_i = tl.argmax(score, 1).to(tl.int32) + tl.min(cols, 0)
     take = blk_v > best_v
@@ -243,8 +237,8 @@ def linear_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tupl
         interpret = interpreting()
     if interpret:
         return 256, min(256, triton.next_power_of_2(max(K, 16))), min(128, triton.next_power_of_2(max(D, 16)))
-    block_n = 64 if N >= 64 else 16
-    block_k = 128 if K >= 128 else 16
+    block_n = 128 if N >= 128 else 64 if N >= 64 else 16       # 128 x 64 tiles, 8 warps: no spills (cost model)
+    block_k = 64 if K >= 64 else 16
     block_d = 64 if D >= 64 else 16
     return block_n, block_k, block_d
 
@@ -335,5 +329,5 @@ def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: tor
         kappa if kappa is not None else a_t, out, N, K, D, seed, seed_ptr if seed_ptr is not None else zt,
         HAS_BIAS=bias is not None, FINAL=final, USE_PSI=kappa is not None, IEEE=h.dtype == torch.float32,
         EMULATE=interpreting(),
-        SEED_FROM_PTR=seed_ptr is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
+        SEED_FROM_PTR=seed_ptr is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=8 if bn == 128 else 4)
     return out

@@ -16,9 +16,6 @@ import pytest
 # by (operator, parameter dtype, kernel). The kernel issue removes them; a count may only go down,
 # and a kernel that reaches 0 must leave this table.
 KNOWN_HOT_SPILLS = {
-    ("posterior step + projection", "bf16", "_sample_posterior_linear_kernel"): 218,
-    ("posterior step + projection", "fp32", "_sample_posterior_linear_kernel"): 218,
-    ("posterior step + projection (Psi)", "bf16", "_sample_posterior_linear_kernel"): 218,
     ("curriculum relaxation fwd+bwd (dense)", "bf16", "_re_fwd_kernel"): 80,
     ("curriculum relaxation fwd+bwd (dense)", "bf16", "_re_bwd_kernel"): 80,
     ("curriculum relaxation fwd+bwd (sparse)", "bf16", "_re_fwd_kernel"): 80,

@@ -223,3 +223,11 @@ def test_bad_inputs_are_errors():
     with pytest.raises(ValueError, match="weight"):
         rb_loss_linear(torch.randn(2, 3, 4), torch.randn(5, 6), None, torch.zeros(2, 3, dtype=torch.long),
                        torch.zeros(2, 3, dtype=torch.long), 0.5, -1.0)
+
+
+def test_float64_inputs_are_refused_with_the_reference_named():
+    z = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="float64.*rb_loss_ref"):
+        rb_loss(torch.randn(1, 3, 7, dtype=torch.float64), z, z, 0.5, -1.0)
+    with pytest.raises(ValueError, match="float64.*rb_loss_ref"):
+        rb_loss_linear(torch.randn(1, 3, 4, dtype=torch.float64), torch.randn(7, 4), None, z, z, 0.5, -1.0)

@@ -30,7 +30,7 @@ from ..sampling import SamplerConfig, generate
 from ..train import model_flops_per_token
 from ..ttable import TTable
 from .common import device_peaks, environment, peak_memory_mb, print_table, time_fn
-from .reference_paths import reference_relaxed_embedding, reference_ttable_lookup
+from .reference_paths import public_posterior_step, reference_relaxed_embedding, reference_ttable_lookup
 
 __all__ = ["PRESETS", "GROUPS", "run_suite", "print_suite"]
 
@@ -57,6 +57,28 @@ class Case:
     bytes: float = 0.0
     counted: str = ""
     items: dict[str, float] = field(default_factory=dict)   # unit -> count per call (tokens, samples, NFE)
+
+
+def _draws_match_posterior(draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits_row: torch.Tensor,
+                           a_s: float, a_t: float, n: int = 20_000) -> dict[str, Any]:
+    """The timed random draw checked statistically: ``n`` draws of one token (its logits row
+    repeated) against the exact float64 posterior, Pearson chi-square with categories of
+    expected count < 5 pooled, accepted below ``dof + 5 sqrt(2 dof)`` (about 5 sigma)."""
+    K = logits_row.numel()
+    zt = logits_row.argmax().view(1, 1)
+    exact = ref.posterior_ref(logits_row.double().softmax(-1).cpu()[None, None], zt.cpu(), a_s, a_t)[0, 0]
+    got = draw(logits_row.view(1, 1, K).expand(1, n, K).contiguous(), zt.expand(1, n).contiguous())
+    counts = torch.bincount(got.flatten().cpu(), minlength=K).double()
+    expected = exact * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    dof = int(keep.sum()) - 1
+    impossible = int(counts[exact == 0].sum())
+    return {"ok": stat <= dof + 5 * math.sqrt(2 * max(dof, 1)) and impossible == 0, "chi2": stat, "dof": dof,
+            "draws": n}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,20 +213,35 @@ def kernel_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     zs = zt.view(1, N)
     lg3 = logits.view(1, N, K)
     gen = torch.Generator(device=device).manual_seed(0)
-    ps_ref = lambda: ref.sample_posterior_dense_ref(lg3, zs, a_s, a_t, generator=gen)       # noqa: E731
+    ps_ref = lambda: public_posterior_step(lg3, zs, a_s, a_t, generator=gen)                 # noqa: E731
     ps_ours = lambda: sample_posterior(lg3, zs, a_s, a_t, seed=1)                            # noqa: E731
-    ps_check = lambda: {"ok": bool(torch.equal(sample_posterior(lg3, zs, 1.0, a_t, final="greedy"),  # noqa: E731
-                                               lg3.argmax(-1))), "checked": "greedy step == argmax"}
+
+    def ps_check():
+        out = _draws_match_posterior(lambda lg, z: sample_posterior(lg, z, a_s, a_t, seed=2), logits[0].detach(), a_s,
+                                     a_t)
+        out["greedy_is_argmax"] = bool(torch.equal(sample_posterior(lg3, zs, 1.0, a_t, final="greedy"),
+                                                   lg3.argmax(-1)))
+        out["ok"] = out["ok"] and out["greedy_is_argmax"]
+        return out
     cases.append(Case("kernels", f"sample_posterior step (N={N}, K={K})", ps_ref, ps_ours, ps_check,
                       bytes=N * K * es, counted="logits read once", items={"tokens": N}))
     hd = h.detach()
     wd, bd = w.detach().to(dtype), b.detach().to(dtype)
-    pl_ref = lambda: ref.sample_posterior_dense_ref(torch.nn.functional.linear(hd, wd, bd), zs, a_s, a_t,  # noqa: E731
-                                                    generator=gen)
+    pl_ref = lambda: public_posterior_step(torch.nn.functional.linear(hd, wd, bd), zs, a_s, a_t,  # noqa: E731
+                                           generator=gen)
     pl_ours = lambda: sample_posterior_linear(hd, wd, bd, zs, a_s, a_t, seed=1)             # noqa: E731
-    pl_check = lambda: {"ok": bool(torch.equal(sample_posterior_linear(hd, wd, bd, zs, 1.0, a_t, final="greedy"),  # noqa: E731
-                                               torch.nn.functional.linear(hd.float(), wd.float(), bd.float()).argmax(-1))),
-                        "checked": "greedy step == argmax of the fp32 projection"}
+
+    def pl_check():
+        h1 = hd.view(-1, hd.shape[-1])[:1]
+        row = torch.nn.functional.linear(h1.float(), wd.float(), bd.float())[0]
+        out = _draws_match_posterior(
+            lambda lg, z: sample_posterior_linear(h1.view(1, 1, -1).expand(1, z.shape[1], -1).contiguous(), wd, bd, z,
+                                                  a_s, a_t, seed=3), row, a_s, a_t)
+        out["greedy_is_argmax"] = bool(torch.equal(
+            sample_posterior_linear(hd, wd, bd, zs, 1.0, a_t, final="greedy"),
+            torch.nn.functional.linear(hd.float(), wd.float(), bd.float()).argmax(-1)))
+        out["ok"] = out["ok"] and out["greedy_is_argmax"]
+        return out
     cases.append(Case("kernels", f"projection + sample_posterior step (N={N}, K={K}, D={D})", pl_ref, pl_ours,
                       pl_check, flops=2.0 * N * K * D, counted="matmul 2NKD", items={"tokens": N}))
     return cases
@@ -225,7 +262,7 @@ def sample_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     cfg = SamplerConfig(steps=steps, batch=B, length=L, noise_removal="greedy", seed=0)
 
     def dense_step(lg, zz, s, t, generator):
-        return ref.sample_posterior_dense_ref(lg, zz, s, t, generator)
+        return public_posterior_step(lg, zz, s, t, generator)
     s_ref = lambda: generate(model, cfg, device, progress=False, step_fn=dense_step)[0]     # noqa: E731
     s_ours = lambda: generate(model, cfg, device, progress=False)[0]                        # noqa: E731
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference as ref
 from ._dispatch import seed_from, token_rows, use_triton
 
 __all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights", "NUCLEUS_METHOD"]
@@ -86,8 +87,8 @@ def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Te
     x_i = torch.exp(logits.gather(-1, zt[..., None])[..., 0] - lse).double()
     w_model, w_unif = mixture_weights(x_i, a_s, a_t, K, kappa)
     u = torch.rand(zt.shape, generator=generator, device=zt.device, dtype=torch.float64)
-    g = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    draw_model = (logits - torch.log(-torch.log(g.clamp_min(1e-30)))).argmax(-1)     # Gumbel-max
+    e = ref.exponential_draws(tuple(logits.shape), generator=generator, device=logits.device)
+    draw_model = (logits - torch.log(e)).argmax(-1)          # Gumbel-max with exact tails (-log of an Exp(1))
     draw_uniform = torch.randint(0, K, zt.shape, generator=generator, device=zt.device)
     return torch.where(u < w_model, draw_model, torch.where(u < w_model + w_unif, draw_uniform, zt))
 

@@ -268,11 +268,20 @@ def _check_ids(zt: Tensor, x0: Tensor, shape: tuple[int, int]) -> None:
         raise ValueError(f"zt and x0 must be int64, got {zt.dtype} and {x0.dtype}")
 
 
+def _no_float64(t: Tensor, name: str) -> None:
+    """The fused statistics are float32 by design (section 3): a float64 input would silently be
+    computed in float32 (error ~1e-6), so it is refused; reference.rb_loss_ref is the float64 path."""
+    if t.dtype == torch.float64:
+        raise ValueError(f"{name} is float64, but the fused RB loss computes its statistics in float32 (error ~1e-6); "
+                         f"use duo_fast.reference.rb_loss_ref for a float64 loss, or pass fp32/bf16/fp16")
+
+
 def rb_loss(logits: Tensor, zt: Tensor, x0: Tensor, alpha_t: Tensor | float, dalpha_t: Tensor | float, *,
             impl: str = "auto", check: bool = False, chunk_tokens: int | None = None) -> Tensor:
     """Per-token USDM NELBO from logits.
 
-    logits: (B, L, K) fp32/bf16/fp16; zt, x0: (B, L) int64 in [0, K); alpha_t in (0, 1) and
+    logits: (B, L, K) fp32/bf16/fp16 (float64 is refused: see ``_no_float64``); zt, x0: (B, L)
+    int64 in [0, K); alpha_t in (0, 1) and
     dalpha_t = d alpha/dt < 0: scalars, (B,) per sequence or (B, L) per token. Returns (B, L)
     float32, differentiable with respect to ``logits`` (gradient in the logits' dtype).
     ``check=True`` raises ``FloatingPointError`` naming the op if a loss is NaN/inf (one host
@@ -280,6 +289,7 @@ def rb_loss(logits: Tensor, zt: Tensor, x0: Tensor, alpha_t: Tensor | float, dal
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, L, K), got {tuple(logits.shape)}")
+    _no_float64(logits, "logits")
     B, L, K = logits.shape
     _check_ids(zt, x0, (B, L))
     z, x, a, da = _rows(zt, x0, alpha_t, dalpha_t, K)
@@ -307,6 +317,7 @@ def rb_loss_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x
     K = weight.shape[0]
     if bias is not None and bias.shape != (K,):
         raise ValueError(f"bias must be ({K},), got {tuple(bias.shape)}")
+    _no_float64(h, "h")
     _check_ids(zt, x0, (B, L))
     z, x, a, da = _rows(zt, x0, alpha_t, dalpha_t, K)
     w = weight.to(h.dtype)
