@@ -90,9 +90,12 @@ def test_seeds_reproduce_and_differ(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kappa", [0.0, 0.4])
-def test_psi_sampler_matches_exact_mixture(impl, kappa):
-    K, a_s, a_t = 64, 0.7, 0.4
+@pytest.mark.parametrize("a_s,a_t,kappa", [(0.7, 0.4, 0.0), (0.7, 0.4, 0.4), (0.9, 0.9, 0.2), (0.35, 0.3, 0.0),
+                                           (0.999, 0.6, 0.7)])
+def test_psi_sampler_matches_exact_mixture(impl, a_s, a_t, kappa):
+    """Including s = t (the corrector steps of a Psi schedule's constant phase), where the plain
+    posterior stays at z_t and only the (1 - kappa) part moves."""
+    K = 64
     logits = torch.randn(1, 1, K) * 2
     zt = torch.tensor([[int(logits.argmax())]])
     x = logits.double().softmax(-1)
