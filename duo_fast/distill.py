@@ -253,6 +253,10 @@ class _DistillRun:
         self.tokenizer = tokenizer
         self.val_blocks = cached_blocks(cfg.dataset, "validation", tokenizer, tok_key, self.L)
         self.pad_id = loss_mask_id(cfg.dataset, tokenizer)
+        if cfg.val_gen_ppl_model:
+            from .evaluate import check_scorer
+
+            check_scorer(cfg.val_gen_ppl_model)
         if blocks.shape[0] < cfg.batch_size:
             raise ValueError(f"only {blocks.shape[0]} blocks of length {self.L} for a batch of {cfg.batch_size}")
         order = BlockOrder(blocks.shape[0], self.micro, seed=cfg.seed + 3, rank=self.rank, world=self.world)

@@ -10,6 +10,7 @@ perplexity (a NELBO, one Monte-Carlo draw of ``t`` per sequence).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .model import DiT
 from .ops import rb_loss
 
 __all__ = ["EVAL_DATASETS", "EVAL_SETS", "EvalSet", "eval_pad_id", "DETOKENIZERS", "eval_documents",
-           "discrete_nelbo_draws", "evaluate_nelbo", "validation_nelbo", "sample_metrics",
+           "discrete_nelbo_draws", "evaluate_nelbo", "validation_nelbo", "sample_metrics", "check_scorer",
            "check_tokenizer_vocab", "unigram_entropy", "generative_perplexity"]
 
 
@@ -225,6 +226,18 @@ def validation_nelbo(model: DiT, blocks: Any, batch: int, n_batches: int, rank: 
         total += float((losses * keep).sum())
         count += int(keep.sum())
     return total / max(1, count)
+
+
+def check_scorer(name_or_path: str) -> None:
+    """Fail now, in one line, if the generative-perplexity scorer's tokenizer cannot be loaded
+    (offline hub, wrong folder), rather than at the first validation of a long run."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        where = "" if os.path.exists(name_or_path) else "; offline, the hub cannot be reached: pass a local model folder"
+        raise ValueError(f"--val-gen-ppl-model {name_or_path}: cannot be loaded ({type(e).__name__}){where}") from e
 
 
 def sample_metrics(model: DiT, tokenizer: Any, n: int, steps: int, length: int, seed: int, device: torch.device,

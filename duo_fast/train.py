@@ -40,7 +40,7 @@ from .data.blocks import BlockOrder, cached_blocks
 from .devices import device_peaks, resolve_device
 from .engine import DeepSpeedEngine, TorchEngine, barrier, init_distributed, placement
 from .environment import environment
-from .evaluate import discrete_nelbo_draws
+from .evaluate import check_scorer, discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
 from .options import option
@@ -274,6 +274,8 @@ class Trainer:
         if cfg.compile:
             self.model.compile_blocks()
         self.pad_id = loss_mask_id(cfg.dataset, self.tokenizer)
+        if cfg.val_gen_ppl_model:
+            check_scorer(cfg.val_gen_ppl_model)
         self.objective = DuoObjective(self.model, cfg, self.pad_id)
         args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                     lr_lambda=lr_multiplier(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_halve_every),
@@ -473,9 +475,12 @@ class Trainer:
 
 def _init_from(model: DiT, cfg: TrainConfig) -> dict[str, Any] | None:
     """Load ``cfg.init_from`` into ``model`` (sizes must match); returns a .ckpt's EMA state, if any."""
-    from .pretrained import load_pretrained
+    from .pretrained import CheckpointError, load_pretrained
 
-    src, info = load_pretrained(cfg.init_from, ema=cfg.init_weights == "ema")
+    try:
+        src, info = load_pretrained(cfg.init_from, ema=cfg.init_weights == "ema")
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ValueError(f"--init-from {cfg.init_from}: cannot load it: {e}") from e
     have, want = src.config, model.config
     for f in ("vocab_size", "model_length", "hidden_dim", "n_blocks", "n_heads", "cond_dim"):
         if getattr(have, f) != getattr(want, f):
