@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -52,7 +51,16 @@ from .resume import (
     write_checkpoint,
 )
 from .schedules import lr_multiplier
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, ema_decay, exit_after_checkpoint, micro_seed
+from .steploop import (
+    BatchFeeder,
+    IntervalMeter,
+    agreed_stop,
+    continue_ema,
+    ema_decay,
+    exit_after_checkpoint,
+    micro_seed,
+    open_wandb,
+)
 from .ttable import TTable
 
 __all__ = ["DistillConfig", "distill", "dcd_gap", "DISTILL_PRESETS"]
@@ -282,11 +290,7 @@ class _DistillRun:
             self.ema = [p.detach().float().clone() for p in self.student.parameters()] if cfg.ema > 0 else None
             state = self.info.ema_state
             if self.ema is not None and cfg.init == "public" and state is not None:
-                # as the public trainer's on_load_checkpoint: the checkpoint's EMA, decay and count
-                names = [n for n, _ in self.student.named_parameters()]
-                torch._foreach_copy_(self.ema, [state["shadow"][n].to(self.device).float() for n in names])
-                self.ema_decay = state["decay"] if state["decay"] is not None else cfg.ema
-                self.ema_updates = state["num_updates"] or 0
+                self.ema_decay, self.ema_updates = continue_ema(self.ema, self.student, state, cfg.ema)
         self.table = TTable.build(self.K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
         self.gens = {"gen": torch.Generator(device=self.device).manual_seed(cfg.seed + 1)}   # reseeded per micro-batch
 
@@ -401,26 +405,12 @@ class _DistillRun:
         return {"tokenizer": self.tok_name, "tokenizer_vocab": self.tok_vocab, "distilled_from": self.cfg.checkpoint,
                 "steps": self.cfg.steps, "weights": "ema" if self.ema is not None else "raw"}
 
-    def _open_wandb(self) -> None:
-        self.wandb = None
-        if not (self.cfg.wandb and self.rank == 0):
-            return
-        try:
-            import wandb
-        except ImportError:
-            print("duo-fast distill: wandb is not installed (pip install 'duo-fast[wandb]'); logging to log.jsonl only")
-            return
-        run_id = "duo-" + hashlib.sha1(str(self.out.resolve()).encode()).hexdigest()[:12]
-        wandb.init(project=self.cfg.wandb_project, id=run_id, resume="allow", dir=str(self.out), config=self.config,
-                   name=self.out.name)
-        self.wandb = wandb
-
     def loop(self) -> None:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
-        self._open_wandb()
+        self.wandb = open_wandb("distill", cfg.wandb and self.rank == 0, cfg.wandb_project, self.out, self.config)
         stop = StopFlag()
         self.t_start = time.perf_counter()
         self.show_bar = cfg.progress and self.rank == 0 and sys.stderr.isatty()

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,8 @@ from torch import Tensor
 
 from .data.blocks import BlockOrder
 
-__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint", "ema_decay"]
+__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint", "ema_decay",
+           "continue_ema", "open_wandb"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -151,3 +154,27 @@ def ema_decay(decay: float, n: int) -> float:
     """The public EMA's decay at its ``n``-th update (n >= 1): ``min(decay, (1 + n)/(10 + n))``,
     a warm-up that keeps the average from being dominated by the first weights."""
     return min(decay, (1 + n) / (10 + n))
+
+
+def continue_ema(ema: list[Tensor], model: torch.nn.Module, state: dict[str, Any], decay: float) -> tuple[float, int]:
+    """Load a checkpoint's EMA (``PretrainedInfo.ema_state``: shadow weights by parameter name,
+    decay, update count) into ``ema`` (the model's parameter order), as the public trainer's
+    ``on_load_checkpoint`` does. Returns (decay to use: the checkpoint's, else ``decay``; updates so far)."""
+    names = [n for n, _ in model.named_parameters()]
+    torch._foreach_copy_(ema, [state["shadow"][n].to(ema[0].device).float() for n in names])
+    return (state["decay"] if state["decay"] is not None else decay), (state["num_updates"] or 0)
+
+
+def open_wandb(command: str, enabled: bool, project: str, out: Path, config: dict[str, Any]) -> Any:
+    """The ``wandb`` module after ``wandb.init`` (one W&B run per run folder, so a resumed run
+    continues it), or None when off; a missing ``wandb`` is one line, not a failure. Rank 0 only."""
+    if not enabled:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print(f"duo-fast {command}: wandb is not installed (pip install 'duo-fast[wandb]'); logging to log.jsonl only")
+        return None
+    run_id = "duo-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+    wandb.init(project=project, id=run_id, resume="allow", dir=str(out), config=config, name=out.name)
+    return wandb

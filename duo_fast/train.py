@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -56,7 +55,16 @@ from .resume import (
     write_checkpoint,
 )
 from .schedules import lr_multiplier
-from .steploop import BatchFeeder, IntervalMeter, agreed_stop, ema_decay, exit_after_checkpoint, micro_seed
+from .steploop import (
+    BatchFeeder,
+    IntervalMeter,
+    agreed_stop,
+    continue_ema,
+    ema_decay,
+    exit_after_checkpoint,
+    micro_seed,
+    open_wandb,
+)
 from .ttable import TTable
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "Trainer", "DuoObjective", "tau_at", "resolve_device",
@@ -293,10 +301,7 @@ class Trainer:
             self.ema = [p.detach().float().clone() for p in self.model.parameters()] if cfg.ema > 0 else None
         self.ema_updates, self.ema_decay = 0, cfg.ema
         if init_ema is not None and self.ema is not None:      # the checkpoint's EMA, decay and count continue
-            names = [n for n, _ in self.model.named_parameters()]
-            torch._foreach_copy_(self.ema, [init_ema["shadow"][n].to(self.device).float() for n in names])
-            self.ema_decay = init_ema["decay"] if init_ema["decay"] is not None else cfg.ema
-            self.ema_updates = init_ema["num_updates"] or 0
+            self.ema_decay, self.ema_updates = continue_ema(self.ema, self.model, init_ema, cfg.ema)
         self.ttable = None
         if cfg.curriculum_end > 0:
             self.ttable = TTable.build(K, min(-5.0, cfg.gamma_min), max(-1.0, cfg.gamma_max))
@@ -570,17 +575,7 @@ class _TrainRun:
                 self.tb = SummaryWriter(str(self.out / "tb"))
             except ImportError:
                 print("duo-fast train: tensorboard is not installed; logging to log.jsonl only")
-        if self.cfg.wandb and self.rank0:
-            try:
-                import wandb
-            except ImportError:
-                print("duo-fast train: wandb is not installed (pip install 'duo-fast[wandb]'); logging to log.jsonl only")
-            else:
-                # one W&B run per run folder: a resumed run continues it
-                run_id = "duo-" + hashlib.sha1(str(self.out.resolve()).encode()).hexdigest()[:12]
-                wandb.init(project=self.cfg.wandb_project, id=run_id, resume="allow", dir=str(self.out),
-                           config=self.config, name=self.out.name)
-                self.wandb = wandb
+        self.wandb = open_wandb("train", self.cfg.wandb and self.rank0, self.cfg.wandb_project, self.out, self.config)
 
     def loop(self) -> None:
         """The steps; host reads only at log, save and stop points (``_read_interval``)."""
