@@ -1,4 +1,4 @@
-// Cubic Hermite lookup of the T-operator table (duo-math.md section 4), shared by the CPU
+// Cubic Hermite lookup of the T-operator table (docs/math.md section 4), shared by the CPU
 // implementation and the CUDA kernel so that both compute exactly the same arithmetic.
 //
 // The table holds q = 1 - p(gamma) and dq/dgamma at n evenly spaced gamma in [gmin, gmax].
