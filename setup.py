@@ -24,12 +24,13 @@ if os.environ.get("DUO_FAST_SKIP_EXT", "0") != "1":
               "(or prebuilt with pip install --no-build-isolation)", file=sys.stderr)
     else:
         sources = ["csrc/ttable_lookup_cpu.cpp"]
-        cxx = ["-O3", "-std=c++17"]
+        cxx = ["-O3", "-std=c++17", "-fopenmp"]       # -fopenmp: at::parallel_for runs on all threads
         if torch.version.cuda and CUDA_HOME and os.environ.get("DUO_FAST_SKIP_CUDA", "0") != "1":
             ext = CUDAExtension("duo_fast._C", sources + ["csrc/ttable_lookup_cuda.cpp", "csrc/ttable_lookup_kernel.cu"],
-                                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
+                                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                                extra_link_args=["-fopenmp"])
         else:
-            ext = CppExtension("duo_fast._C", sources, extra_compile_args={"cxx": cxx})
+            ext = CppExtension("duo_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
         ext_modules = [ext]
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -73,7 +73,7 @@ def build_jit(verbose: bool = False) -> Path:
         print(f"duo_fast: compiling the C++ T-table op for torch {torch.__version__}{' with CUDA' if cuda else ''} "
               f"(first use; cached in {build})", file=sys.stderr, flush=True)
     load(name="duo_fast_ttable", sources=sources, build_directory=str(build), is_python_module=False,
-         extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=verbose)
+         extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=verbose)
     return build
 
 

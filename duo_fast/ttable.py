@@ -87,7 +87,8 @@ def _hermite_lookup(gamma: Tensor, q: Tensor, dq: Tensor, gamma_min: float, gamm
     returns ``(alpha, dalpha/dgamma)`` in gamma's dtype, with ``alpha = 1 - K q / (K - 1)``."""
     n = q.shape[0]
     h = (gamma_max - gamma_min) / (n - 1)
-    pos = (gamma.to(q.dtype) - gamma_min) / h
+    inv_h = (n - 1) / (gamma_max - gamma_min)
+    pos = (gamma.to(q.dtype) - gamma_min) * inv_h
     idx = torch.nan_to_num(pos, nan=0.0).floor().clamp(0, n - 2).long()   # out-of-range rows become NaN below
     s = pos - idx
     # Same arithmetic, in the same order, as csrc/ttable_lookup.h (the op must match to 1e-12).
@@ -95,7 +96,7 @@ def _hermite_lookup(gamma: Tensor, q: Tensor, dq: Tensor, gamma_min: float, gamm
     m0, m1 = dq[idx] * h, dq[idx + 1] * h
     s2, s3 = s * s, s * s * s
     val = (2 * s3 - 3 * s2 + 1) * p0 + (s3 - 2 * s2 + s) * m0 + (-2 * s3 + 3 * s2) * p1 + (s3 - s2) * m1
-    der = ((6 * s2 - 6 * s) * p0 + (3 * s2 - 4 * s + 1) * m0 + (-6 * s2 + 6 * s) * p1 + (3 * s2 - 2 * s) * m1) / h
+    der = ((6 * s2 - 6 * s) * p0 + (3 * s2 - 4 * s + 1) * m0 + (-6 * s2 + 6 * s) * p1 + (3 * s2 - 2 * s) * m1) * inv_h
     scale = vocab_size / (vocab_size - 1)
     g = gamma.to(q.dtype)
     inside = (g >= gamma_min) & (g <= gamma_max)          # False for NaN too: NaN out, never a clamp

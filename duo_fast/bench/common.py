@@ -44,6 +44,36 @@ def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 10, warm
     return {"p20_ms": q(0.2), "median_ms": statistics.median(times), "p80_ms": q(0.8)}
 
 
+def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_pair(a: Callable[[], Any], b: Callable[[], Any], device: torch.device, repeats: int = 3,
+              min_seconds: float = 0.5, warmup: int = 1) -> tuple[float, float]:
+    """Median milliseconds of ``a`` and ``b`` timed alternately (a, b, a, b, ...), so that a slow
+    phase of a shared machine hits both paths alike: at least ``repeats`` calls each, more until
+    both have run ``min_seconds`` in total (capped at 200 calls each)."""
+    for _ in range(warmup):
+        a()
+        b()
+    sync(device)
+    ta: list[float] = []
+    tb: list[float] = []
+    while len(ta) < 200 and (len(ta) < repeats or min(sum(ta), sum(tb)) < 1e3 * min_seconds):
+        ta.append(_time_once(a, device))
+        tb.append(_time_once(b, device))
+    return statistics.median(ta), statistics.median(tb)
+
+
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     """Peak memory allocated while ``fn`` runs, above what was allocated before (MB).
     GPU: the CUDA caching allocator's peak. CPU: tracemalloc does not see torch's allocator,

@@ -3,7 +3,8 @@ reference-style path (what the public implementation does) and ours on the same 
 process, checks that they agree, and reports time, peak memory, ratios, throughput and achieved
 FLOP/s and bytes/s.
 
-Timing: median of ``repeats`` calls after warm-up (CUDA events on GPU). Memory: peak allocated
+Timing: the two paths alternate call by call, each at least ``repeats`` times and until both
+have run 0.5 s (medians; CUDA events on GPU). Memory: peak allocated
 above what existed before the call (CUDA allocator on GPU; the profiler's allocation records on
 CPU). FLOPs and bytes are counted per case from the shapes (stated in each case's ``counted``)
 and are the *useful* work of the operation, the same number for both paths: matmuls
@@ -29,7 +30,7 @@ from ..ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_po
 from ..sampling import SamplerConfig, generate
 from ..train import model_flops_per_token
 from ..ttable import TTable
-from .common import device_peaks, environment, peak_memory_mb, print_table, time_fn
+from .common import device_peaks, environment, peak_memory_mb, print_table, time_fn, time_pair
 from .reference_paths import public_posterior_step, reference_relaxed_embedding, reference_ttable_lookup
 
 __all__ = ["PRESETS", "GROUPS", "run_suite", "print_suite"]
@@ -378,7 +379,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: tuple[float,
         check, row["match"] = {"ok": None, "error": "reference out of memory"}, None
     row["check"] = check
     try:
-        t_ref = time_fn(case.ref, device, repeats, warmup=1)["median_ms"]
+        t_ref, t_ours = time_pair(case.ref, case.ours, device, repeats)
         m_ref = peak_memory_mb(case.ref, device)
     except Exception as e:  # noqa: BLE001
         if not _out_of_memory(e):
@@ -386,7 +387,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: tuple[float,
         _free(device)
         t_ref = m_ref = None
         row["ref_error"] = "out of memory"
-    t_ours = time_fn(case.ours, device, repeats, warmup=1)["median_ms"]
+        t_ours = time_fn(case.ours, device, repeats, warmup=1)["median_ms"]
     m_ours = peak_memory_mb(case.ours, device)
     row.update({"ref_ms": t_ref, "ours_ms": t_ours, "speedup": None if t_ref is None else t_ref / t_ours,
                 "ref_peak_mb": m_ref, "ours_peak_mb": m_ours,
