@@ -8,8 +8,8 @@ without any ``B x L x K`` tensor.
 * ``sparse``: the same, except that on the Triton path vocabulary tiles whose weights are all
   below ``1e-6 / K`` skip their embedding rows: the dropped weight per token is below 1e-6, so
   ``|h0 - exact| <= 1e-6 max_j |E_j|``. At the recipes' ``tau = 1e-3`` almost every tile is
-  skipped and the cost is that of drawing the noise. The PyTorch path computes sparse exactly
-  (it has nothing to gain from skipping rows it has to generate anyway).
+  skipped and the cost is that of drawing the noise. The PyTorch path on CPU drops the same
+  entries (below ``1e-6 / K``) and gathers the rest (see ``_RelaxedTorch``).
 * ``topk``: the Duo++ relaxation (section 5) with the exact argmax rule: ``k`` order statistics
   of the noise drawn directly, O(k) per token, then an embedding bag.
 
@@ -52,36 +52,83 @@ def _weights(w: Tensor, tau: float) -> Tensor:
     return torch.softmax(w.sub_(w.amax(-1, keepdim=True)).div_(tau), -1)
 
 
+# The gather path is taken for a chunk whose significant weights are at most this fraction of
+# its (n, K) entries (a dense matmul does ~16x more useful flops per second than a gather here),
+# and the entries are kept for the backward while they take at most _KEEP_BYTES.
+_GATHER_FRACTION = 1 / 16
+_KEEP_BYTES = 64 * 2**20
+
+
+def _significant(p: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(rows, cols, weights) of the entries of the (n, K) weights above ``threshold``, or None when
+    there are too many for a gather to beat the matmul (a host read: CPU path only)."""
+    mask = p > threshold
+    if int(mask.sum()) > _GATHER_FRACTION * p.numel():
+        return None
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols, p[rows, cols]
+
+
 class _RelaxedTorch(torch.autograd.Function):
+    """Chunked PyTorch path. On CPU a chunk whose weights are almost all zero (small ``tau``) skips
+    the matmul: ``h0`` is a gather of the rows with weight above ``threshold`` (0 in dense mode:
+    only weights that are exactly 0 in float32 are skipped, which changes nothing but the order of
+    the sum; ``sparse_delta(K)`` in sparse mode, as the kernels), and those (row, id, weight)
+    entries are kept so that the backward is a scatter-add instead of regenerating the noise."""
+
     @staticmethod
     def forward(ctx, x0: Tensor, at: Tensor, st: Tensor, embedding: Tensor, tau: float, seed: int,
-                eps: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+                eps: Tensor | None, chunk: int, threshold: float) -> tuple[Tensor, Tensor]:
         N = x0.shape[0]
         K, D = embedding.shape
         e32 = embedding.float()
         h0 = torch.empty((N, D), dtype=embedding.dtype, device=x0.device)
         zt = torch.empty(N, dtype=torch.int64, device=x0.device)
+        kept: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        kept_bytes = 0
         for c, s in enumerate(range(0, N, chunk)):
             e = min(N, s + chunk)
             w = _chunk_latents(x0[s:e], at[s:e], st[s:e], K, seed, c, None if eps is None else eps[s:e])
             zt[s:e] = w.argmax(-1)
-            h0[s:e] = _weights(w, tau) @ e32
+            p = _weights(w, tau)
+            del w
+            entries = _significant(p, threshold) if x0.device.type == "cpu" else None
+            if entries is None:
+                h0[s:e] = p @ e32
+            else:
+                rows, cols, wts = entries
+                h0[s:e] = torch.zeros((e - s, D), device=x0.device).index_add_(0, rows, e32[cols] * wts[:, None])
+                kept_bytes += rows.numel() * 20
+                if kept_bytes > _KEEP_BYTES:
+                    entries = None
+            kept.append(entries)
         ctx.save_for_backward(x0, at, st, eps)
-        ctx.meta = (K, D, tau, seed, chunk, embedding.dtype)
+        ctx.kept = kept
+        ctx.meta = (K, D, tau, seed, chunk, embedding.dtype, threshold)
         ctx.mark_non_differentiable(zt)
         return h0, zt
 
     @staticmethod
     def backward(ctx, dh: Tensor, _dzt: Tensor | None):
         x0, at, st, eps = ctx.saved_tensors
-        K, D, tau, seed, chunk, dtype = ctx.meta
+        K, D, tau, seed, chunk, dtype, threshold = ctx.meta
         de = torch.zeros((K, D), dtype=torch.float32, device=x0.device)
         N = x0.shape[0]
         for c, s in enumerate(range(0, N, chunk)):
             e = min(N, s + chunk)
-            w = _chunk_latents(x0[s:e], at[s:e], st[s:e], K, seed, c, None if eps is None else eps[s:e])
-            de.addmm_(_weights(w, tau).t(), dh[s:e].float())
-        return None, None, None, de.to(dtype), None, None, None, None
+            entries = ctx.kept[c]
+            if entries is None:
+                w = _chunk_latents(x0[s:e], at[s:e], st[s:e], K, seed, c, None if eps is None else eps[s:e])
+                p = _weights(w, tau)
+                del w
+                entries = _significant(p, threshold) if x0.device.type == "cpu" else None
+                if entries is None:
+                    de.addmm_(p.t(), dh[s:e].float())
+                    continue
+            rows, cols, wts = entries
+            de.index_add_(0, cols, dh[s:e].float()[rows] * wts[:, None])
+        ctx.kept = None
+        return None, None, None, de.to(dtype), None, None, None, None, None
 
 
 class _RelaxedTriton(torch.autograd.Function):
@@ -154,8 +201,9 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
     if use_triton(embedding, impl):
         h0, zt = _RelaxedTriton.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps, mode == "sparse")
     else:
+        threshold = 0.0 if mode == "dense" else 1e-6 / K
         h0, zt = _RelaxedTorch.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps,
-                                     chunk_tokens or _default_chunk(K))
+                                     chunk_tokens or _default_chunk(K), threshold)
     return h0.view(B, L, D), zt.view(B, L)
 
 
