@@ -23,7 +23,7 @@ if os.environ.get("DUO_FAST_SKIP_EXT", "0") != "1":
         print("duo_fast: torch is not importable at build time; the C++ op will be compiled on first use "
               "(or prebuilt with pip install --no-build-isolation)", file=sys.stderr)
     else:
-        sources = ["csrc/ttable_lookup_cpu.cpp"]
+        sources = ["csrc/ttable_lookup_cpu.cpp", "csrc/rb_loss_cpu.cpp"]
         cxx = ["-O3", "-std=c++17", "-fopenmp"]       # -fopenmp: at::parallel_for runs on all threads
         if torch.version.cuda and CUDA_HOME and os.environ.get("DUO_FAST_SKIP_CUDA", "0") != "1":
             ext = CUDAExtension("duo_fast._C", sources + ["csrc/ttable_lookup_cuda.cpp", "csrc/ttable_lookup_kernel.cu"],

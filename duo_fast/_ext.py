@@ -54,7 +54,7 @@ def _sources() -> tuple[list[str], bool]:
     from torch.utils.cpp_extension import CUDA_HOME
 
     cuda = bool(torch.cuda.is_available() and torch.version.cuda and CUDA_HOME)
-    names = ["ttable_lookup_cpu.cpp"] + (["ttable_lookup_cuda.cpp", "ttable_lookup_kernel.cu"] if cuda else [])
+    names = ["ttable_lookup_cpu.cpp", "rb_loss_cpu.cpp"] + (["ttable_lookup_cuda.cpp", "ttable_lookup_kernel.cu"] if cuda else [])
     files = [folder / n for n in names]
     missing = [str(f) for f in files if not f.exists()]
     if missing:

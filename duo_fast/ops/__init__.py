@@ -18,6 +18,9 @@ def backend(device: str | torch.device = "cpu") -> dict[str, str]:
     from ._dispatch import use_triton
 
     probe = torch.empty(0, device=device)
+    from .rb_loss import cpp_available
+
     fused = "triton" if use_triton(probe) else "torch"
-    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": fused, "sample_posterior": fused,
+    loss = "cpp" if fused == "torch" and probe.device.type == "cpu" and cpp_available() else fused
+    return {"ttable_lookup": lookup_backend(torch.device(device)), "rb_loss": loss, "sample_posterior": fused,
             "relaxed_embedding": fused}
