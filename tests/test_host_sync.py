@@ -165,6 +165,7 @@ ALLOWED = {
     ("duo_fast/ops/posterior.py", "sample_posterior"): "int(seed) of a caller's int seed (PyTorch path)",
     ("duo_fast/ops/posterior.py", "sample_posterior_linear"): "int(seed) of a caller's int seed (PyTorch path)",
     ("duo_fast/ops/rb_loss.py", "_finite_or_raise"): "the checked mode (log steps only)",
+    ("duo_fast/ops/rb_loss.py", "cpp_available"): "bool of the op's Python bool, cached once",
     ("duo_fast/ops/relaxed.py", "relaxed_embedding"): "float(tau) of the caller's Python tau",
     ("duo_fast/steploop.py", "BatchFeeder._stage"): "the block indices are host tensors (crc32 of them)",
     ("kernels/sample_posterior.py", "_seed_args"): "int(seed) of a caller's int seed",
@@ -219,3 +220,15 @@ def test_the_source_check_sees_a_planted_read(tmp_path):
     planted = tmp_path / "hot.py"
     planted.write_text("def step(x):\n    y = x * 2\n    return float(y.sum()), y.item(), torch.tensor(3.0)\n")
     assert [w for _, _, w in _host_reads(planted)] == ["float(...)", ".item()", "torch.tensor(...)"]
+
+
+def test_cpu_only_reads_are_booked_apart_and_refuse_a_device_tensor():
+    from duo_fast.hostsync import read_cpu
+
+    t = torch.ones(3)
+    with HostSyncCounter() as c:
+        assert read_cpu(t.sum()) == 3.0
+        float(t.sum())
+    assert c.cpu_only["aten._local_scalar_dense.default"] == 1 and c.total == 1
+    with pytest.raises(RuntimeError, match="CPU-only"):
+        read_cpu(torch.ones(1, device="meta"))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..hostsync import read_cpu
 from ..reference import per_token
 from ._dispatch import seed_from, use_triton
 
@@ -63,7 +64,7 @@ def _significant(p: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor] |
     """(rows, cols, weights) of the entries of the (n, K) weights above ``threshold``, or None when
     there are too many for a gather to beat the matmul (a host read: CPU path only)."""
     mask = p > threshold
-    if int(mask.sum()) > _GATHER_FRACTION * p.numel():
+    if read_cpu(mask.sum()) > _GATHER_FRACTION * p.numel():
         return None
     rows, cols = mask.nonzero(as_tuple=True)
     return rows, cols, p[rows, cols]
