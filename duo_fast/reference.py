@@ -330,6 +330,71 @@ def topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_size: int, 
     return torch.cat([x0[..., None], others], -1), weights, zt
 
 
+def adaptive_topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_size: int, tol: float = 1e-6,
+                                 k_max: int = 32, generator: torch.Generator | None = None,
+                                 early_exit: bool = False) -> dict[str, Tensor]:
+    """Adaptive exact top-k relaxation (section 5), O(k) per token, float64.
+
+    Per token: ``w_x = at + st eps_x``; the order statistics ``G_1 > G_2 > ...`` of the other
+    ``K - 1`` coordinates are drawn one at a time until every coordinate not drawn is provably
+    negligible: after ``k`` draws the ``K - 1 - k`` others lie below ``st G_k``, so their total
+    softmax weight relative to the largest kept one is at most
+    ``bound_k = (K - 1 - k) exp((st G_k - w_max) / tau)``, ``w_max = max(w_x, st G_1)``. ``k`` is
+    the first with ``bound_k <= tol`` (or ``k_max``, then the bound is what it is). The kept rows'
+    weights are the softmax over them: each differs from the exact dense weight by at most a
+    factor ``1 + bound``. ``zt = x`` iff ``w_x > st G_1`` (the exact argmax). The ids of
+    ``G_1..G_k`` are uniformly random distinct ids other than ``x``, in random order.
+
+    x0: (B, L) int64; gamma: (B,) or (B, L). Returns a dict of ``ids`` (B, L, 1 + k_max) int64
+    (column 0 is ``x``; unused columns repeat ``x``), ``weights`` (same shape, float64, 0 where
+    unused, rows sum to 1), ``w`` (the latents of the kept rows, -inf where unused), ``zt``
+    (B, L), ``k`` (B, L) int64 and ``bound`` (B, L) float64. ``early_exit``: stop drawing when
+    every token is done (a host read; CPU only).
+    """
+    K = vocab_size
+    if not 1 <= k_max <= K - 1:
+        raise ValueError(f"adaptive top-k needs 1 <= k_max <= K - 1, got k_max={k_max}, K={K}")
+    if not 0 < tol < 1:
+        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    shape, dev = tuple(x0.shape), x0.device
+    at, st = gaussian_coefficients(per_token(gamma, x0).to(device=dev, dtype=torch.float64).expand(shape))
+    w_x = at + st * torch.randn(shape, generator=generator, device=dev, dtype=torch.float64)
+    cols = [w_x]
+    log_phi = torch.zeros(shape, device=dev, dtype=torch.float64)
+    k = torch.full(shape, k_max, dtype=torch.int64, device=dev)
+    bound = torch.zeros(shape, device=dev, dtype=torch.float64)
+    done = torch.zeros(shape, dtype=torch.bool, device=dev)
+    w_max = w_x
+    for j in range(k_max):              # draw G_{j+1}: Phi(G_{j+1}) = Phi(G_j) U^(1/(K-1-j))
+        log_phi = log_phi - exponential_draws(shape, generator=generator, device=dev).double() / (K - 1 - j)
+        w_j = st * _ndtri_upper(log_phi)
+        if j == 0:
+            w_max = torch.maximum(w_x, w_j)
+        cols.append(torch.where(done, float("-inf"), w_j))
+        b = (K - 2 - j) * torch.exp((w_j - w_max) / tau)
+        newly = ~done & ((b <= tol) | (j == k_max - 1))
+        k = torch.where(newly, j + 1, k)
+        bound = torch.where(newly, b, bound)
+        done = done | newly
+        if early_exit and dev.type == "cpu" and bool(done.all()):
+            break
+    n_drawn = len(cols) - 1
+    w = torch.stack(cols, -1)                                                   # (B, L, 1 + n_drawn)
+    weights = torch.softmax(w / tau, -1) if n_drawn else torch.ones_like(w)
+    picks = floyd_distinct(K - 1, n_drawn, shape, generator=generator, device=dev)
+    picks = picks + (picks >= x0[..., None]).long()                            # skip x
+    ids = torch.cat([x0[..., None], picks], -1)
+    used = w > float("-inf")
+    ids = torch.where(used, ids, x0[..., None])
+    zt = torch.where(w_x > w[..., 1], x0, ids[..., 1])
+    pad = k_max - n_drawn
+    if pad:
+        ids = torch.cat([ids, x0[..., None].expand(*shape, pad)], -1)
+        weights = torch.cat([weights, weights.new_zeros(*shape, pad)], -1)
+        w = torch.cat([w, w.new_full((*shape, pad), float("-inf"))], -1)
+    return {"ids": ids, "weights": weights, "w": w, "zt": zt, "k": k, "bound": bound}
+
+
 # ---------------------------------------------------------------------------------------------
 # Section 6: the coupled argmax of DCD
 # ---------------------------------------------------------------------------------------------

@@ -159,8 +159,25 @@ def _relaxed_calls() -> list[tuple[str, Callable[[], Any]]]:
     return out
 
 
+def _relaxed_topk_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Every column count of kernels/relaxed_topk.py's launcher (k_max rounded up to a power of
+    two), at small and production shapes."""
+    import torch
+
+    from . import relaxed_topk as rt
+
+    def call(N: int, K: int, k_max: int) -> Callable[[], Any]:
+        def run() -> Any:
+            x0, at = _meta(N, dtype=torch.int64), _meta(N, dtype=torch.float32)
+            return rt.adaptive_topk(x0, at, at, K, 1e-3, 1e-6, k_max, 2**61 + 7)
+        return run
+
+    return [(f"adaptive N={N} K={K} k_max={k}", call(N, K, k)) for N in (1, 100, 16384) for K in (20, 100, 50257)
+            for k in (1, 2, 8, 19, 32, 64)]
+
+
 _CALLS = {"sample_posterior": _sample_posterior_calls, "rb_loss": _rb_loss_calls,
-          "relaxed_embedding": _relaxed_calls}
+          "relaxed_embedding": _relaxed_calls, "relaxed_topk": _relaxed_topk_calls}
 
 
 def configurations(only: str | None = None) -> list[tuple[str, str, str, Any]]:

@@ -12,6 +12,10 @@ without any ``B x L x K`` tensor.
   entries (below ``1e-6 / K``) and gathers the rest (see ``_RelaxedTorch``).
 * ``topk``: the Duo++ relaxation (section 5) with the exact argmax rule: ``k`` order statistics
   of the noise drawn directly, O(k) per token, then an embedding bag.
+* ``adaptive``: exact top-k (section 5): order statistics drawn until the rows not drawn carry
+  at most ``tol`` (1e-6) of the largest kept weight, ``k`` chosen per token up to ``k_max``;
+  exact argmax; an embedding bag over the kept rows (forward gather, backward scatter-add).
+  ``stats`` receives the bound achieved.
 
 Implementations: Triton kernels (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``) and a
 PyTorch path for CPU that works on ``chunk_tokens`` tokens at a time. The backward gives
@@ -32,7 +36,9 @@ from ._dispatch import seed_from, use_triton
 
 __all__ = ["relaxed_embedding", "coupled_latents", "MODES"]
 
-MODES = ("dense", "sparse", "topk")
+MODES = ("dense", "sparse", "topk", "adaptive")
+ADAPTIVE_TOL = 1e-6
+ADAPTIVE_K_MAX = 32
 
 
 def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -162,13 +168,18 @@ def _default_chunk(K: int) -> int:
 def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: Tensor, seed: int | None = None,
                       mode: str = "sparse", k: int = 2, generator: torch.Generator | None = None,
                       eps: Tensor | None = None, impl: str = "auto",
-                      chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+                      chunk_tokens: int | None = None, tol: float = ADAPTIVE_TOL, k_max: int = ADAPTIVE_K_MAX,
+                      stats: dict | None = None) -> tuple[Tensor, Tensor]:
     """Relaxed input embedding of the curriculum (section 5).
 
     x0: (B, L) int64 in [0, K); gamma: scalar, (B,) or (B, L) (``at = sqrt(sigmoid(-gamma))``,
     ``st = sqrt(sigmoid(gamma))``); tau > 0; embedding: (K, D) fp32/bf16/fp16. ``seed`` keys the
     noise (drawn from ``generator`` when None). ``eps`` (B, L, K), test only: explicit noise
-    replacing the RNG (dense and sparse). ``k``: rows kept by ``topk``.
+    replacing the RNG (dense and sparse). ``k``: rows kept by ``topk``. ``tol``, ``k_max``: the
+    ``adaptive`` mode's bound on the weight of the rows not drawn (relative to the largest kept
+    weight) and its cap on rows per token; with ``stats`` (a dict) it stores device tensors
+    ``bound_max`` (largest bound achieved), ``k_mean``, ``k_max`` and ``capped`` (fraction of
+    tokens that reached ``k_max`` above ``tol``; no host read).
     Returns ``h0`` (B, L, D) in the embedding's dtype (differentiable w.r.t. ``embedding``) and
     ``zt = argmax w`` (B, L) int64.
     """
@@ -185,6 +196,27 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
     torch._assert_async(((x0 >= 0) & (x0 < K)).all(), f"token ids out of range [0, {K})")
     g = per_token(gamma, x0).to(device=x0.device, dtype=torch.float64).expand(B, L)
     seed = seed_from(seed, generator)
+    if mode == "adaptive":
+        if eps is not None:
+            raise ValueError("explicit eps is only supported by the dense and sparse modes")
+        if not 1 <= k_max <= K - 1:
+            raise ValueError(f"k_max must be in [1, K - 1] = [1, {K - 1}], got {k_max}")
+        flat_x = x0.reshape(-1).contiguous()
+        if use_triton(embedding, impl):
+            from ..kernels.relaxed_topk import adaptive_topk
+
+            at, st = (t.float().reshape(-1).contiguous() for t in ref.gaussian_coefficients(g))
+            out = adaptive_topk(flat_x, at, st, K, float(tau), float(tol), k_max, seed)
+        else:
+            gen = torch.Generator(device=x0.device).manual_seed(seed)
+            out = ref.adaptive_topk_relaxation_ref(flat_x, g.reshape(-1), tau, K, tol, k_max, generator=gen,
+                                                   early_exit=x0.device.type == "cpu")
+        h0 = torch.nn.functional.embedding_bag(out["ids"], embedding, per_sample_weights=out["weights"].to(embedding.dtype),
+                                               mode="sum")
+        if stats is not None:
+            stats.update(bound_max=out["bound"].max(), k_mean=out["k"].double().mean(), k_max=out["k"].max(),
+                         capped=(out["bound"] > tol).double().mean())
+        return h0.view(B, L, D), out["zt"].view(B, L)
     if mode == "topk":
         if eps is not None:
             raise ValueError("explicit eps is only supported by the dense and sparse modes")
