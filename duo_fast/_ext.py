@@ -54,7 +54,8 @@ def _sources() -> tuple[list[str], bool]:
     from torch.utils.cpp_extension import CUDA_HOME
 
     cuda = bool(torch.cuda.is_available() and torch.version.cuda and CUDA_HOME)
-    names = ["ttable_lookup_cpu.cpp", "rb_loss_cpu.cpp"] + (["ttable_lookup_cuda.cpp", "ttable_lookup_kernel.cu"] if cuda else [])
+    names = ["ttable_lookup_cpu.cpp", "rb_loss_cpu.cpp"]
+    names += ["ttable_lookup_cuda.cpp", "ttable_lookup_kernel.cu"] if cuda else []
     files = [folder / n for n in names]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
@@ -73,7 +74,8 @@ def build_jit(verbose: bool = False) -> Path:
         print(f"duo_fast: compiling the C++ T-table op for torch {torch.__version__}{' with CUDA' if cuda else ''} "
               f"(first use; cached in {build})", file=sys.stderr, flush=True)
     load(name="duo_fast_ttable", sources=sources, build_directory=str(build), is_python_module=False,
-         extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=verbose)
+         extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+         extra_cuda_cflags=["-O3", "-std=c++17"], verbose=verbose)
     return build
 
 

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from .hostsync import read_cpu
+
 __all__ = [
     "alpha_loglinear", "alpha_cosine", "stratified_times", "sample_qt",
     "posterior_ref", "posterior_bayes_ref", "sample_posterior_dense_ref",
@@ -376,7 +378,7 @@ def adaptive_topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_si
         k = torch.where(newly, j + 1, k)
         bound = torch.where(newly, b, bound)
         done = done | newly
-        if early_exit and dev.type == "cpu" and bool(done.all()):
+        if early_exit and dev.type == "cpu" and read_cpu(done.all()):
             break
     n_drawn = len(cols) - 1
     w = torch.stack(cols, -1)                                                   # (B, L, 1 + n_drawn)

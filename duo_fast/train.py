@@ -42,6 +42,7 @@ from .environment import environment
 from .evaluate import check_scorer, discrete_nelbo_draws
 from .model import DiT, DiTConfig
 from .ops import rb_loss, rb_loss_linear, relaxed_embedding
+from .ops.relaxed import resolve_mode
 from .options import option
 from .resume import (
     StopFlag,
@@ -100,8 +101,10 @@ class TrainConfig:
     curriculum_end: int = option(500_000, "last curriculum step; discrete USDM training afterwards (0: no curriculum)")
     tau_log10_start: float = option(-3.0, "log10 of the softmax temperature tau at the curriculum start")
     tau_log10_end: float = option(-3.0, "log10 of tau at curriculum_end (linear in between)")
-    relax_mode: str = option("sparse", "curriculum relaxation: sparse (exact to 1e-6 of weight per token), dense (exact) "
-                                   "or topk (Duo++, k rows per token)", choices=("sparse", "dense", "topk"))
+    relax_mode: str = option("auto", "curriculum relaxation: auto (adaptive where it provably fits its row cap at this "
+                                 "tau, else sparse), adaptive (exact top-k, rows not drawn <= 1e-6 of the top "
+                                 "weight), sparse (exact to 1e-6 of weight per token), dense (exact) or topk (Duo++, "
+                                 "k rows per token)", choices=("auto", "adaptive", "sparse", "dense", "topk"))
     relax_k: int = option(2, "rows per token of relax_mode=topk")
     gamma_min: float = option(-3.55, "curriculum gamma at t = 0 (least noise)")
     gamma_max: float = option(-1.85, "curriculum gamma at t = 1 (most noise)")
@@ -177,9 +180,9 @@ class TrainConfig:
         if self.log_every < 1 or self.check_every < 0 or (self.check_every and self.check_every % self.log_every):
             raise ValueError(f"--log-every must be >= 1 and --check-every a multiple of it (or 0), got "
                              f"{self.log_every}, {self.check_every}")
-        if self.relax_mode not in ("sparse", "dense", "topk") or self.relax_k < 1:
-            raise ValueError(f"relax_mode must be sparse, dense or topk and relax_k >= 1, got {self.relax_mode!r}, "
-                             f"{self.relax_k}")
+        if self.relax_mode not in ("auto", "adaptive", "sparse", "dense", "topk") or self.relax_k < 1:
+            raise ValueError(f"relax_mode must be auto, adaptive, sparse, dense or topk and relax_k >= 1, got "
+                             f"{self.relax_mode!r}, {self.relax_k}")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -219,6 +222,7 @@ class DuoObjective(nn.Module):
     def __init__(self, dit: DiT, cfg: "TrainConfig", pad_id: int | None = None) -> None:
         super().__init__()
         self.dit, self.cfg, self.pad_id = dit, cfg, pad_id
+        self.relax_stats: dict[str, Any] = {}      # the last curriculum step's relaxation (mode, bound: device tensors)
 
     def register_external_parameters(self) -> None:
         """ZeRO-3: these parameters are read outside their own modules' forward."""
@@ -232,8 +236,11 @@ class DuoObjective(nn.Module):
                 check: bool = False) -> Tensor:
         cfg, dit = self.cfg, self.dit
         if gamma is not None:
-            h0, zt = relaxed_embedding(x0, gamma, tau, dit.vocab_embed.embedding, seed=seed, mode=cfg.relax_mode,
-                                       k=cfg.relax_k)
+            E = dit.vocab_embed.embedding
+            mode = resolve_mode(cfg.relax_mode, tau, E.shape[0], cfg.gamma_max)
+            self.relax_stats = {"mode": mode}
+            h0, zt = relaxed_embedding(x0, gamma, tau, E, seed=seed, mode=mode, k=cfg.relax_k,
+                                       stats=self.relax_stats if mode == "adaptive" else None)
             inputs, embeds = None, h0
         else:
             inputs, embeds = zt, None
@@ -642,6 +649,7 @@ class _TrainRun:
             rec = {"step": step, "loss": loss_now, "loss_mean": sum(finite) / len(finite) if finite else None,
                    "grad_norm": tr.engine.grad_norm(), "lr": tr.engine.lr(), "phase": phase,
                    "tau": tau_at(cfg, step) if phase == "curriculum" else None, "tokens_per_s": tps,
+                   **(self._relaxation_record() if phase == "curriculum" else {}),
                    "mfu": tps * self.flops_tok / self.peak if self.peak else None, "skipped_steps": read["skipped"],
                    "batch_checksums": checksums}
             self.log.write(json.dumps(rec) + "\n")
@@ -652,6 +660,16 @@ class _TrainRun:
         if phase == "curriculum" and step + 1 == cfg.curriculum_end and step + 1 < cfg.steps:
             metrics["val_curriculum"] = tr.validate()
         self.t_interval = time.perf_counter()
+
+    def _relaxation_record(self) -> dict[str, Any]:
+        """The last curriculum step's relaxation for the log: its mode and, for adaptive, the
+        largest bound achieved, the mean and largest k and the fraction of tokens capped."""
+        st = self.tr.objective.relax_stats
+        out: dict[str, Any] = {"relax_mode": st.get("mode")}
+        for k in ("bound_max", "k_mean", "k_max", "capped"):
+            if k in st:
+                out[f"relax_{k}"] = float(st[k])
+        return out
 
     def _validate_now(self, step: int) -> float:
         """Validation during training (every ``val_every`` steps, and at the end): the NELBO of

@@ -154,6 +154,7 @@ ALLOWED = {
     ("duo_fast/train.py", "Trainer.sample_metrics"): "validation samples, outside the step loop",
     ("duo_fast/train.py", "_TrainRun._validate_now"): "validation, outside the step loop",
     ("duo_fast/train.py", "_TrainRun._read_interval"): "the loop's log-step block",
+    ("duo_fast/train.py", "_TrainRun._relaxation_record"): "the loop's log-step block",
     ("duo_fast/train.py", "_TrainRun.finish"): "after the loop",
     ("duo_fast/train.py", "tau_at"): "Python floats",
     ("duo_fast/train.py", "Trainer.__init__"): "setup",

@@ -34,7 +34,7 @@ from ..hostsync import read_cpu
 from ..reference import per_token
 from ._dispatch import seed_from, use_triton
 
-__all__ = ["relaxed_embedding", "coupled_latents", "MODES"]
+__all__ = ["relaxed_embedding", "coupled_latents", "MODES", "adaptive_fits", "resolve_mode"]
 
 MODES = ("dense", "sparse", "topk", "adaptive")
 ADAPTIVE_TOL = 1e-6
@@ -163,6 +163,32 @@ class _RelaxedTriton(torch.autograd.Function):
 def _default_chunk(K: int) -> int:
     """Tokens per chunk of the PyTorch path: (chunk, K) float32 blocks of about 4 MiB."""
     return max(1, (4 * 2**20) // (4 * K))
+
+
+def adaptive_fits(tau: float, K: int, gamma_max: float, tol: float = ADAPTIVE_TOL, k_max: int = ADAPTIVE_K_MAX) -> bool:
+    """Whether the adaptive mode reaches ``tol`` within ``k_max`` rows for essentially every token
+    (host arithmetic, no data). The draws stop once ``st (G_1 - G_k) >= Delta_w``,
+    ``Delta_w = tau log((K - 1)/tol)``; given ``G_1 = g`` the others are iid N(0, 1) below ``g``, so
+    the number within ``Delta = Delta_w / st`` of it is Binomial with mean about
+    ``lam = (K - 1)(Phi(g) - Phi(g - Delta))``. Taken at the largest ``st`` (``gamma_max``) and at
+    ``g`` = the 1e-6 lower quantile of ``G_1``, require ``lam + 6 sqrt(lam) + 6 <= k_max``."""
+    import math
+
+    from scipy.stats import norm
+
+    st = math.sqrt(1.0 / (1.0 + math.exp(-gamma_max)))
+    delta = tau * math.log((K - 1) / tol) / st
+    g = norm.isf(-math.log(1e-6) / (K - 1)) if K > 15 else norm.ppf(1e-6 ** (1.0 / (K - 1)))
+    lam = (K - 1) * (norm.cdf(g) - norm.cdf(g - delta))
+    return lam + 6 * math.sqrt(lam) + 6 <= k_max
+
+
+def resolve_mode(mode: str, tau: float, K: int, gamma_max: float) -> str:
+    """``auto``: ``adaptive`` where :func:`adaptive_fits` (the cheapest exact relaxation by the
+    cost model), else ``sparse``; any other mode is returned as it is."""
+    if mode != "auto":
+        return mode
+    return "adaptive" if adaptive_fits(tau, K, gamma_max) else "sparse"
 
 
 def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: Tensor, seed: int | None = None,
