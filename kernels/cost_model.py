@@ -567,6 +567,66 @@ def _relaxed(dtype_name: str, sparse: bool, arch: int) -> dict[str, Any]:
             "ours": steps, "reference": ref, "floor_ms": floor * 1e3}
 
 
+def _adaptive_iterations(N: int, K: int, tau: float, block: int, k_max: int) -> dict[str, float]:
+    """Loop iterations of the adaptive kernel per program (the largest k among its tokens) and
+    the mean k, from a draw of the PyTorch reference at the OWT recipe (gamma uniform per sequence
+    over [-3.55, -1.85], tau = 1e-3): a sample, not an assumption."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from duo_fast import reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    L = SHAPES["L"]
+    gamma = (-3.55 + 1.7 * torch.rand(N // L, generator=g, dtype=torch.float64))[:, None].expand(N // L, L).reshape(-1)
+    x0 = torch.randint(0, K, (N,), generator=g)
+    out = ref.adaptive_topk_relaxation_ref(x0, gamma, tau, K, 1e-6, k_max, generator=g, early_exit=True)
+    k = out["k"].double()
+    return {"iterations": float(k.view(-1, block).amax(1).mean()), "k_mean": float(k.mean()),
+            "k_max": float(k.max()), "bound_max": float(out["bound"].max())}
+
+
+def _relaxed_adaptive(dtype_name: str, arch: int) -> dict[str, Any]:
+    """The adaptive exact top-k relaxation (the training default at the recipes' tau): the Triton
+    draw kernel, then PyTorch's embedding bag (forward gather, backward sort + scatter-add),
+    whose CUDA kernels are not compiled here and are estimated from their memory traffic."""
+    import torch
+
+    from . import relaxed_topk as rt
+
+    N, K, D = SHAPES["N_train"], SHAPES["K"], SHAPES["D"]
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    es = torch.finfo(dt).bits // 8
+    k_max, tau = 32, 1e-3
+    kc = rt.kmax_constexpr(k_max)
+    cols = kc + 1
+    it = _adaptive_iterations(N, K, tau, rt.block_tokens(kc), k_max)
+    x0, at = _meta(N, dtype=torch.int64), _meta(N, dtype=torch.float32)
+
+    def model(launch: Launch) -> dict[str, Any]:
+        return {"trips": [it["iterations"], 0], "flops": 0.0,
+                "hbm_bytes": N * (8 + 4 + 4) + N * cols * (8 + 4 + 4) + N * (8 + 8 + 4),
+                "assumption": f"loop iterations per program {it['iterations']:.2f} (max k of its tokens; mean k "
+                              f"{it['k_mean']:.2f}, largest {it['k_max']:.0f}, drawn at the OWT recipe); id "
+                              f"redraws (probability <= k/K) not counted"}
+
+    steps = _triton_step("adaptive draw", lambda: rt.adaptive_topk(x0, at, at, K, tau, 1e-6, k_max, 2**61 + 7),
+                         model, arch)
+    rows = N * cols
+    steps += [
+        _pass("embedding_bag forward: gather rows, weights, write h0 (traffic)", 1,
+              rows * (D * es + 8 + es) + N * D * es),
+        _pass("embedding_bag backward: sort ids (4 radix passes, traffic)", rows, 4 * 2 * 16),
+        _pass("embedding_bag backward: zero dE, read dh per entry, accumulate, write dE (traffic)", 1,
+              2 * K * D * es + rows * (D * es + 4) + K * D * es),
+    ]
+    # the unavoidable traffic of any relaxation: h0 written, dh read, dE written
+    floor = (2 * N * D * es + K * D * es) / H100["hbm_bytes_per_s"] * 1e3
+    ref_op = _relaxed(dtype_name, True, arch)["reference"]
+    return {"op": "curriculum relaxation fwd+bwd (adaptive)", "dtype": dtype_name, "N": N, "ours": steps,
+            "reference": ref_op, "floor_ms": floor, "adaptive_draw": it}
+
+
 def op_reports(arch: int = 90, only: str | None = None) -> list[dict[str, Any]]:
     """Every operator at the small preset's GPU shapes, bf16 and fp32 parameters."""
     builders: list[tuple[str, Callable[[], dict[str, Any]]]] = [
@@ -581,6 +641,8 @@ def op_reports(arch: int = 90, only: str | None = None) -> list[dict[str, Any]]:
         ("relaxed_embedding", lambda: _relaxed("bf16", True, arch)),
         ("relaxed_embedding", lambda: _relaxed("fp32", False, arch)),
         ("relaxed_embedding", lambda: _relaxed("fp32", True, arch)),
+        ("relaxed_topk", lambda: _relaxed_adaptive("bf16", arch)),
+        ("relaxed_topk", lambda: _relaxed_adaptive("fp32", arch)),
     ]
     out = []
     for module, build in builders:
@@ -627,7 +689,9 @@ def whole_step(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "mfu": model_flops / (ms / 1e3) / H100["bf16_flops"], "shares": shares})
 
     n_train, n_sample = SHAPES["N_train"], SHAPES["N_sample"]
-    add("training micro-step, curriculum", n_train, 3,
+    add("training micro-step, curriculum (default relaxation: adaptive)", n_train, 3,
+        ["curriculum relaxation fwd+bwd (adaptive)", "RB loss + projection (fwd+bwd)"])
+    add("training micro-step, curriculum (sparse relaxation)", n_train, 3,
         ["curriculum relaxation fwd+bwd (sparse)", "RB loss + projection (fwd+bwd)"])
     add("training micro-step, discrete", n_train, 3, ["RB loss + projection (fwd+bwd)"])
     add("sampling step", n_sample, 1, ["posterior step + projection"])
