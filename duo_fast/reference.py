@@ -334,7 +334,7 @@ def topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_size: int, 
 
 def adaptive_topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_size: int, tol: float = 1e-6,
                                  k_max: int = 32, generator: torch.Generator | None = None,
-                                 early_exit: bool = False) -> dict[str, Tensor]:
+                                 early_exit: bool = False, pad: bool = True) -> dict[str, Tensor]:
     """Adaptive exact top-k relaxation (section 5), O(k) per token, float64.
 
     Per token: ``w_x = at + st eps_x``; the order statistics ``G_1 > G_2 > ...`` of the other
@@ -351,7 +351,8 @@ def adaptive_topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_si
     (column 0 is ``x``; unused columns repeat ``x``), ``weights`` (same shape, float64, 0 where
     unused, rows sum to 1), ``w`` (the latents of the kept rows, -inf where unused), ``zt``
     (B, L), ``k`` (B, L) int64 and ``bound`` (B, L) float64. ``early_exit``: stop drawing when
-    every token is done (a host read; CPU only).
+    every token is done (a host read; CPU only); ``pad=False`` then returns only the columns
+    drawn (``1 + max k``).
     """
     K = vocab_size
     if not 1 <= k_max <= K - 1:
@@ -389,7 +390,7 @@ def adaptive_topk_relaxation_ref(x0: Tensor, gamma: Tensor, tau: float, vocab_si
     used = w > float("-inf")
     ids = torch.where(used, ids, x0[..., None])
     zt = torch.where(w_x > w[..., 1], x0, ids[..., 1])
-    pad = k_max - n_drawn
+    pad = k_max - n_drawn if pad else 0
     if pad:
         ids = torch.cat([ids, x0[..., None].expand(*shape, pad)], -1)
         weights = torch.cat([weights, weights.new_zeros(*shape, pad)], -1)

@@ -237,9 +237,9 @@ class DuoObjective(nn.Module):
         cfg, dit = self.cfg, self.dit
         if gamma is not None:
             E = dit.vocab_embed.embedding
-            mode = resolve_mode(cfg.relax_mode, tau, E.shape[0], cfg.gamma_max)
+            mode, k_max = resolve_mode(cfg.relax_mode, tau, E.shape[0], cfg.gamma_max)
             self.relax_stats = {"mode": mode}
-            h0, zt = relaxed_embedding(x0, gamma, tau, E, seed=seed, mode=mode, k=cfg.relax_k,
+            h0, zt = relaxed_embedding(x0, gamma, tau, E, seed=seed, mode=mode, k=cfg.relax_k, k_max=k_max,
                                        stats=self.relax_stats if mode == "adaptive" else None)
             inputs, embeds = None, h0
         else:

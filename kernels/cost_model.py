@@ -597,7 +597,12 @@ def _relaxed_adaptive(dtype_name: str, arch: int) -> dict[str, Any]:
     N, K, D = SHAPES["N_train"], SHAPES["K"], SHAPES["D"]
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     es = torch.finfo(dt).bits // 8
-    k_max, tau = 32, 1e-3
+    tau = 1e-3
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from duo_fast.ops.relaxed import resolve_mode
+
+    mode, k_max = resolve_mode("auto", tau, K, -1.85)            # the trainer's choice at the OWT recipe
+    assert mode == "adaptive"
     kc = rt.kmax_constexpr(k_max)
     cols = kc + 1
     it = _adaptive_iterations(N, K, tau, rt.block_tokens(kc), k_max)

@@ -183,12 +183,17 @@ def adaptive_fits(tau: float, K: int, gamma_max: float, tol: float = ADAPTIVE_TO
     return lam + 6 * math.sqrt(lam) + 6 <= k_max
 
 
-def resolve_mode(mode: str, tau: float, K: int, gamma_max: float) -> str:
-    """``auto``: ``adaptive`` where :func:`adaptive_fits` (the cheapest exact relaxation by the
-    cost model), else ``sparse``; any other mode is returned as it is."""
+def resolve_mode(mode: str, tau: float, K: int, gamma_max: float) -> tuple[str, int]:
+    """``(mode, k_max)``. ``auto``: ``adaptive`` with the smallest cap in (8, 16, 32) for which
+    :func:`adaptive_fits` holds (the cheapest exact relaxation by the cost model; fewer columns,
+    less embedding traffic), else ``sparse``; any other mode is returned as it is, with the
+    default cap."""
     if mode != "auto":
-        return mode
-    return "adaptive" if adaptive_fits(tau, K, gamma_max) else "sparse"
+        return mode, ADAPTIVE_K_MAX
+    for cap in (8, 16, 32):
+        if cap <= K - 1 and adaptive_fits(tau, K, gamma_max, k_max=cap):
+            return "adaptive", cap
+    return "sparse", ADAPTIVE_K_MAX
 
 
 def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: Tensor, seed: int | None = None,
@@ -235,8 +240,9 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
             out = adaptive_topk(flat_x, at, st, K, float(tau), float(tol), k_max, seed)
         else:
             gen = torch.Generator(device=x0.device).manual_seed(seed)
+            cpu = x0.device.type == "cpu"
             out = ref.adaptive_topk_relaxation_ref(flat_x, g.reshape(-1), tau, K, tol, k_max, generator=gen,
-                                                   early_exit=x0.device.type == "cpu")
+                                                   early_exit=cpu, pad=not cpu)
         h0 = torch.nn.functional.embedding_bag(out["ids"], embedding, per_sample_weights=out["weights"].to(embedding.dtype),
                                                mode="sum")
         if stats is not None:
