@@ -206,7 +206,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch")
     p.add_argument("--length", type=int, default=None, help="override the preset's sequence length")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per path (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per path at least (median reported)")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="time each path (alternating with the other) until both have run this long")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar (only on a terminal)")
@@ -699,12 +701,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for flag, v in (("--repeats", args.repeats), ("--batch", args.batch), ("--length", args.length)):
         if v is not None and v < 1:
             _fail(f"{flag} must be >= 1, got {v}")
+    if not 0 <= args.min_seconds <= 600:
+        _fail(f"--min-seconds must be in [0, 600], got {args.min_seconds}")
     _check_json_target(args.json)
     device = _check_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     groups = list(GROUPS) if args.what == "all" else [args.what]
     res = run_suite(groups, args.preset, device, dtype, args.batch, args.length, args.repeats,
-                    progress=_progress(args.progress))
+                    progress=_progress(args.progress), min_seconds=args.min_seconds)
     print_suite(res)
     if args.json:
         with open(args.json, "w") as f:

@@ -65,8 +65,9 @@ def exponential_from_bits(r: Tensor, bits: int = 32) -> Tensor:
     the same map to Philox words (``kernels._common.exponential32``)."""
     half = 1 << (bits - 1)
     up = r >= half
-    x = (torch.where(up, (1 << bits) - 1 - r, r).float() + 0.5) * 2.0 ** -bits
-    return torch.where(up, -torch.log(x), -torch.log1p(-x))
+    x = torch.where(up, (1 << bits) - 1 - r, r).float().add_(0.5).mul_(2.0 ** -bits)
+    out = torch.neg(x).log1p_()                      # the lower half: log1p(-x)
+    return torch.where(up, x.log_(), out, out=out).neg_()   # the upper half: log(x); two float temporaries
 
 
 def exponential_draws(shape: tuple[int, ...], generator: torch.Generator | None = None,

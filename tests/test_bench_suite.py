@@ -16,8 +16,8 @@ def test_bench_kernels_tiny_json(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # as a user runs it on a CPU
     proc = subprocess.run([sys.executable, "-m", "duo_fast.cli", "bench", "kernels", "--preset", "tiny", "--repeats",
-                           "1", "--json", str(out), "--no-progress"], capture_output=True, text=True, env=env,
-                          timeout=900)
+                           "1", "--min-seconds", "0", "--json", str(out), "--no-progress"], capture_output=True,
+                          text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert {"bench", "groups", "preset", "shape", "env", "backend", "rows", "all_match", "seconds"} <= set(res)

@@ -4,7 +4,7 @@ process, checks that they agree, and reports time, peak memory, ratios, throughp
 FLOP/s and bytes/s.
 
 Timing: the two paths alternate call by call, each at least ``repeats`` times and until both
-have run 0.5 s (medians; CUDA events on GPU). Memory: peak allocated
+have run ``min_seconds`` (1 s) (medians; CUDA events on GPU). Memory: peak allocated
 above what existed before the call (CUDA allocator on GPU; the profiler's allocation records on
 CPU). FLOPs and bytes are counted per case from the shapes (stated in each case's ``counted``)
 and are the *useful* work of the operation, the same number for both paths: matmuls
@@ -399,7 +399,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(case: Case, device: torch.device, repeats: int, peaks: tuple[float, float] | None) -> dict[str, Any]:
+def run_case(case: Case, device: torch.device, repeats: int, peaks: tuple[float, float] | None,
+             min_seconds: float = 1.0) -> dict[str, Any]:
     """Both paths of one case. A reference path that runs out of device memory is reported as
     such (``ref_ms`` None, ``match`` None: not checked here; the kernel tests check ours)."""
     row: dict[str, Any] = {"group": case.group, "case": case.name, "flops": case.flops, "bytes": case.bytes,
@@ -414,7 +415,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: tuple[float,
         check, row["match"] = {"ok": None, "error": "reference out of memory"}, None
     row["check"] = check
     try:
-        t_ref, t_ours = time_pair(case.ref, case.ours, device, repeats)
+        t_ref, t_ours = time_pair(case.ref, case.ours, device, repeats, min_seconds)
         m_ref = peak_memory_mb(case.ref, device)
     except Exception as e:  # noqa: BLE001
         if not _out_of_memory(e):
@@ -441,7 +442,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: tuple[float,
 
 def run_suite(groups: list[str], preset: str = "tiny", device: str | torch.device = "cpu", dtype: str = "fp32",
               batch: int | None = None, length: int | None = None, repeats: int = 3,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, min_seconds: float = 1.0) -> dict[str, Any]:
     """Run the cases of ``groups`` (kernels, sample, train) at ``preset`` sizes; returns the JSON payload."""
     from tqdm.auto import tqdm
 
@@ -463,8 +464,9 @@ def run_suite(groups: list[str], preset: str = "tiny", device: str | torch.devic
     for grp in groups:
         cases = CASE_BUILDERS[grp](p, device, dt)
         for case in tqdm(cases, desc=f"bench {grp}", disable=not progress, leave=False, dynamic_ncols=True):
-            rows.append(run_case(case, device, repeats, peaks))
+            rows.append(run_case(case, device, repeats, peaks, min_seconds))
     return {"bench": "suite", "groups": groups, "preset": preset, "shape": p, "dtype": dtype, "repeats": repeats,
+            "min_seconds": min_seconds,
             "env": environment(device), "backend": backend(device), "environment": full_environment(device),
             "device_peaks": None if peaks is None else {"bf16_flops": peaks[0], "bytes_per_s": peaks[1]},
             "seconds": time.perf_counter() - t0, "all_match": all(r["match"] is not False for r in rows), "rows": rows}

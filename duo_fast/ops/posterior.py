@@ -88,7 +88,7 @@ def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Te
     w_model, w_unif = mixture_weights(x_i, a_s, a_t, K, kappa)
     u = torch.rand(zt.shape, generator=generator, device=zt.device, dtype=torch.float64)
     e = ref.exponential_draws(tuple(logits.shape), generator=generator, device=logits.device)
-    draw_model = (logits - torch.log(e)).argmax(-1)          # Gumbel-max with exact tails (-log of an Exp(1))
+    draw_model = e.log_().neg_().add_(logits).argmax(-1)     # Gumbel-max with exact tails (-log of an Exp(1))
     draw_uniform = torch.randint(0, K, zt.shape, generator=generator, device=zt.device)
     return torch.where(u < w_model, draw_model, torch.where(u < w_model + w_unif, draw_uniform, zt))
 
