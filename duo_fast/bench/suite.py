@@ -27,6 +27,7 @@ from .. import reference as ref
 from ..environment import environment as full_environment
 from ..model import DiT, DiTConfig
 from ..ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
+from ..ops.relaxed import resolve_mode
 from ..sampling import SamplerConfig, generate
 from ..train import model_flops_per_token
 from ..ttable import TTable
@@ -324,7 +325,9 @@ def train_cases(p: dict[str, Any], device: torch.device, dtype: torch.dtype) -> 
 
     def curriculum_loss(fused: bool, eps: torch.Tensor | None = None):
         if fused:
-            h0, zt = relaxed_embedding(x0, gamma, tau, E, seed=1, mode="dense" if eps is not None else "sparse", eps=eps)
+            # the trainer's default relaxation at this tau (auto: adaptive); dense with explicit noise for the check
+            mode = "dense" if eps is not None else resolve_mode("auto", tau, K, float(gamma.max()))[0]
+            h0, zt = relaxed_embedding(x0, gamma, tau, E, seed=1, mode=mode, eps=eps)
             h = model(None, sigma, inputs_embeds=h0, return_hidden=True)
             return rb_loss_linear(h, lin.weight, lin.bias, zt, x0, alpha, dalpha).mean()
         h0, zt = reference_relaxed_embedding(x0, gamma, tau, E, eps=eps)
