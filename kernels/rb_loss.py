@@ -4,9 +4,11 @@ The loss needs, per token, the log-sum-exp of the logits and a handful of sums o
 vocabulary; its gradient is then an elementwise function of each logit and per-token scalars.
 So there are two kernels:
 
-* ``_rb_stats_kernel``: per row, pass 1 streams the vocabulary for the online log-sum-exp and
-  the logits at ``z_t`` and ``x``; pass 2 streams it again for the sums that need normalised
-  ``p = softmax(l)``. With ``beta = K a/(1 - a)`` and ``r = 1/(1 + beta p)`` these are::
+* ``_rb_stats_kernel``: per row, pass 1 streams the vocabulary for the online log-sum-exp (the
+  logits at ``z_t`` and ``x`` are two scalar loads); pass 2 streams it again (from L2: one row
+  per program at GPT-2 size) for the sums that need normalised ``p = softmax(l)``, kept per lane
+  and reduced once per row, with ``log1p`` from the reciprocal ``r`` it needs anyway and ``rem``
+  only in blocks that have a row with ``beta <= 1``. With ``beta = K a/(1 - a)`` and ``r = 1/(1 + beta p)`` these are::
 
       rem  = sum_j (log1p(beta p_j) - beta p_j)      (S_log near a = 0, without cancellation)
       s1d  = sum_j log1p(beta p_j)                   (S_log - K log(1 - a), used when beta > 1)
@@ -41,19 +43,42 @@ NUM_STATS = 9
 
 
 @triton.jit
-def _log1p(x):
-    """log(1 + x) for x >= 0 to a few ulps (Kahan: log(u) * x / (u - 1), u = 1 + x rounded)."""
-    u = 1.0 + x
-    d = u - 1.0
-    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+def _log1p_r(x, u, r):
+    """log(1 + x) for x >= 0 from ``u = 1 + x`` (rounded) and ``r ~ 1/u``: ``log(u)`` plus the
+    first-order correction ``(x - (u - 1)) / u`` for the rounding of ``u`` (a few ulps)."""
+    return tl.log(u) + (x - (u - 1.0)) * r
 
 
 @triton.jit
-def _log1p_minus_x(x):
+def _log1p_minus_x(x, u, r):
     """log1p(x) - x for x >= 0: the series to x^8 below 0.1 (first dropped term < 2.3e-8 relative)."""
     xs = tl.where(x < 0.1, x, 0.0)
     series = xs * xs * (-0.5 + xs * (1.0 / 3 + xs * (-0.25 + xs * (0.2 + xs * (-1.0 / 6 + xs * (1.0 / 7 - xs / 8))))))
-    return tl.where(x < 0.1, series, _log1p(x) - x)
+    return tl.where(x < 0.1, series, _log1p_r(x, u, r) - x)
+
+
+@triton.jit
+def _stats_pass2(base, cols0, rmask, lse, beta, zt, x0, K, BLOCK_K: tl.constexpr, REM: tl.constexpr):
+    """The sums over normalised p, accumulated per lane and reduced once at the end. The two
+    excluded sums share one sum over j not in {z_t, x} (their p added back per row)."""
+    zero = tl.zeros(cols0.shape, tl.float32) + (lse * 0.0)[:, None]
+    a_rem, a_s1d, a_q, a_bt2, a_cp = zero, zero, zero, zero, zero
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + cols0
+        m = rmask[:, None] & (cols < K)
+        raw = tl.load(base + cols, mask=m, other=float("-inf")).to(tl.float32)
+        p = tl.exp(raw - lse[:, None])
+        x = beta[:, None] * p
+        u = 1.0 + x
+        r = tl.fdiv(1.0, u, ieee_rounding=False)
+        a_s1d += _log1p_r(x, u, r)
+        if REM:
+            a_rem += _log1p_minus_x(x, u, r)
+        pr = p * r
+        a_q += pr
+        a_bt2 += x * pr
+        a_cp += tl.where((cols == zt[:, None]) | (cols == x0[:, None]), 0.0, p)
+    return tl.sum(a_rem, 1), tl.sum(a_s1d, 1), tl.sum(a_q, 1), tl.sum(a_bt2, 1), tl.sum(a_cp, 1)
 
 
 @triton.jit
@@ -61,44 +86,35 @@ def _rb_stats_kernel(logits_ptr, stride_n, zt_ptr, x0_ptr, beta_ptr, stats_ptr, 
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    base = logits_ptr + rows.to(tl.int64)[:, None] * stride_n
+    row_base = logits_ptr + rows.to(tl.int64) * stride_n
+    base = row_base[:, None]
+    cols0 = tl.arange(0, BLOCK_K)[None, :] + rows[:, None] * 0
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
     x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
     beta = tl.load(beta_ptr + rows, mask=rmask, other=0.0)
+    l_i = tl.load(row_base + zt, mask=rmask, other=0.0).to(tl.float32)    # two scalar loads per row
+    l_x = tl.load(row_base + x0, mask=rmask, other=0.0).to(tl.float32)
+    # pass 1: log-sum-exp (tile max, then one exp per element)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    l_x = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):                     # pass 1: log-sum-exp, logits at z_t and x
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        logit = tl.where(cmask[None, :], raw, float("-inf"))
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + cols0
+        logit = tl.load(base + cols, mask=rmask[:, None] & (cols < K), other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m_i, tl.max(logit, 1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)               # rows past N
+        s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logit - m_safe[:, None]), 1)
         m_i = m_new
-        l_i += tl.sum(tl.where(cols[None, :] == zt[:, None], logit, 0.0), 1)
-        l_x += tl.sum(tl.where(cols[None, :] == x0[:, None], logit, 0.0), 1)
-    lse = m_i + tl.log(s_i)
-    rem = tl.zeros((BLOCK_M,), tl.float32)
-    s1d = tl.zeros((BLOCK_M,), tl.float32)
-    q = tl.zeros((BLOCK_M,), tl.float32)
-    bt2 = tl.zeros((BLOCK_M,), tl.float32)
-    cpi = tl.zeros((BLOCK_M,), tl.float32)
-    cpx = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):                     # pass 2: the sums over normalised p
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        p = tl.where(cmask[None, :], tl.exp(raw - lse[:, None]), 0.0)
-        x = beta[:, None] * p
-        r = 1.0 / (1.0 + x)
-        rem += tl.sum(_log1p_minus_x(x), 1)
-        s1d += tl.sum(_log1p(x), 1)
-        q += tl.sum(p * r, 1)
-        bt2 += tl.sum(p * (x * r), 1)
-        cpi += tl.sum(tl.where(cols[None, :] == zt[:, None], 0.0, p), 1)
-        cpx += tl.sum(tl.where(cols[None, :] == x0[:, None], 0.0, p), 1)
+    lse = tl.where(rmask, m_i + tl.log(s_i), 0.0)
+    # pass 2: rem (log1p(x) - x) only where some row of the block has beta <= 1 (a < 1/(K + 1))
+    if tl.min(tl.where(rmask, beta, 2.0), 0) <= 1.0:
+        rem, s1d, q, bt2, cp = _stats_pass2(base, cols0, rmask, lse, beta, zt, x0, K, BLOCK_K, True)
+    else:
+        rem, s1d, q, bt2, cp = _stats_pass2(base, cols0, rmask, lse, beta, zt, x0, K, BLOCK_K, False)
+    p_i = tl.exp(l_i - lse)
+    p_x = tl.exp(l_x - lse)
+    ne = zt != x0
+    cpi = cp + tl.where(ne, p_x, 0.0)
+    cpx = cp + tl.where(ne, p_i, 0.0)
     out = stats_ptr + rows
     tl.store(out, lse, mask=rmask)
     tl.store(out + N, l_i, mask=rmask)
@@ -133,7 +149,7 @@ def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, b
     raw = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
     p = tl.exp(raw.to(tl.float32) - lse[:, None])
     x = beta[:, None] * p
-    r = 1.0 / (1.0 + x)
+    r = tl.fdiv(1.0, 1.0 + x, ieee_rounding=False)
     d = tl.where(r >= 0.5, bt2[:, None] - x * r, r - q[:, None])
     g = cd[:, None] * p * d
     is_i = cols[None, :] == zt[:, None]
@@ -154,12 +170,13 @@ def _interpret(interpret: bool | None) -> bool:
 
 def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
     """(BLOCK_M rows, BLOCK_K vocabulary chunk) of the stats kernel: 2k-element tiles on a GPU
-    (eight elements per thread at 8 warps: the second pass keeps several temporaries per element),
+    (eight elements per thread at 8 warps, five per-lane accumulators), one row per program when
+    K >= 2048 so that a row (100 KB at K = 50257, bf16) is still in L2 for the second pass;
     64k-element tiles in the interpreter (fewer Python programs)."""
     if _interpret(interpret):
         block_k = min(2048, triton.next_power_of_2(max(K, 16)))
         return max(1, min(1024, 65536 // block_k)), block_k
-    block_k = 1024 if K >= 1024 else 256 if K >= 128 else 32
+    block_k = min(2048, max(32, triton.next_power_of_2(K)))
     return 2048 // block_k, block_k
 
 

@@ -97,7 +97,7 @@ def _bad_inputs(run: Path, d: Path) -> list[tuple[list[str], str]]:
         (["train", *TINY, "--steps", "8", "--ema", "0", "--save-every", "2", "--model", "small", *out],
          "model: 'tiny' -> 'small'"),
         (["train", *TINY, "--steps", "8", "--ema", "0", "--save-every", "2", "--relax-mode", "dense", *out],
-         "relax_mode: 'sparse' -> 'dense'"),
+         "relax_mode: 'auto' -> 'dense'"),
         (["distill", "--no-progress", *out], "needs --checkpoint"),
         (["distill", *ckpt, "--dataset", "bundled", "--steps", "2", "--batch-size", "4", "--no-progress", *out],
          "holds no duo-fast distill run"),
@@ -207,7 +207,8 @@ def test_help_lists_choices_once_and_uniform_booleans(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "{sparse,dense,topk}" in text and "--resume, --no-resume" in text and "--progress, --no-progress" in text
+    assert "{auto,adaptive,sparse,dense,topk}" in text and "--resume, --no-resume" in text
+    assert "--progress, --no-progress" in text
     assert text.count("(default: 0.0003)") == 1
     with pytest.raises(SystemExit):
         main(["sample", "--help"])

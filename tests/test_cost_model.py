@@ -42,7 +42,7 @@ def report(tmp_path_factory) -> dict:
 
 
 def test_every_module_and_sane_figures(report):
-    assert {o["module"] for o in report["ops"]} == {"sample_posterior", "rb_loss", "relaxed_embedding"}
+    assert {o["module"] for o in report["ops"]} == {"sample_posterior", "rb_loss", "relaxed_embedding", "relaxed_topk"}
     for o in report["ops"]:
         assert o["floor_ms"] > 0 and o["reference_ms"] > 0, o["op"]
         assert o["ours_ms"] >= 0.99 * o["floor_ms"], f"{o['op']}: an estimate below its own floor"

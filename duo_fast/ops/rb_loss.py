@@ -240,6 +240,23 @@ class _RBLoss(torch.autograd.Function):
         return dl, None, None, None, None, None, None, None
 
 
+PAD = 64
+
+
+def _padded_projection(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The projection padded to a multiple of 64 vocabulary rows (zero rows, bias -inf) for the
+    Triton path: the logits chunk then has rows aligned for vector loads and needs no column
+    mask, and its padded columns (logit -inf, p = 0) add exactly nothing to any sum; their
+    gradient is 0. One copy of the (K, D) weight per call."""
+    K, D = weight.shape
+    K_pad = -(-K // PAD) * PAD
+    if K_pad == K:
+        return weight, bias if bias is not None else weight.new_zeros(K)
+    w = torch.cat([weight, weight.new_zeros(K_pad - K, D)])
+    b = torch.cat([bias if bias is not None else weight.new_zeros(K), weight.new_full((K_pad - K,), float("-inf"))])
+    return w, b
+
+
 class _RBLossLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x0: Tensor, a: Tensor, da: Tensor,
@@ -248,6 +265,8 @@ class _RBLossLinear(torch.autograd.Function):
         K = weight.shape[0]
         beta = (K * a / (1 - a)).float()
         stats = h.new_empty((NUM_STATS, N), dtype=torch.float32)
+        if triton:
+            weight, bias = _padded_projection(weight, bias)
         # One chunk on CPU: keep its logits for the backward (which overwrites them with the
         # gradient) instead of recomputing them: the same peak memory, one matmul fewer.
         keep = not triton and h.device.type == "cpu" and N <= chunk
@@ -262,18 +281,18 @@ class _RBLossLinear(torch.autograd.Function):
         if check:
             _finite_or_raise(loss, "rb_loss_linear", "h, weight or bias")
         ctx.save_for_backward(h, weight, bias, zt, x0, a, da, beta, stats)
-        ctx.triton, ctx.chunk, ctx.kept = triton, chunk, kept
+        ctx.triton, ctx.chunk, ctx.kept, ctx.vocab = triton, chunk, kept, K
         return loss.float()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         h, weight, bias, zt, x0, a, da, beta, stats = ctx.saved_tensors
         N = h.shape[0]
-        K = weight.shape[0]
+        K = ctx.vocab                                             # the true vocabulary (weight may be padded)
         coefs = _grad_coefficients(stats, zt == x0, a, da, K, grad.double())
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        dw = torch.zeros((K, weight.shape[1]), dtype=torch.float32, device=h.device) if need_w else None
         db = torch.zeros(K, dtype=torch.float32, device=h.device) if need_b and bias is not None else None
         for s in range(0, N, ctx.chunk):
             e = min(N, s + ctx.chunk)
@@ -282,7 +301,8 @@ class _RBLossLinear(torch.autograd.Function):
             dl = _grad(logits, zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], ctx.triton, inplace=True)
             del logits
             if dh is not None:
-                torch.mm(dl, weight, out=dh[s:e])
+                torch.mm(dl, weight, out=dh[s:e])                     # padded rows of W are zero
+            dl = dl[:, :K]
             if dw is not None:
                 if dl.dtype == torch.float32:
                     dw.addmm_(dl.t(), h[s:e])
@@ -290,7 +310,7 @@ class _RBLossLinear(torch.autograd.Function):
                     dw += torch.mm(dl.t(), h[s:e]).float()
             if db is not None:
                 db += dl.sum(0, dtype=torch.float32)
-        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(h.dtype),
                 None, None, None, None, None, None, None)
 
 
