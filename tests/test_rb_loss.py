@@ -231,3 +231,47 @@ def test_float64_inputs_are_refused_with_the_reference_named():
         rb_loss(torch.randn(1, 3, 7, dtype=torch.float64), z, z, 0.5, -1.0)
     with pytest.raises(ValueError, match="float64.*rb_loss_ref"):
         rb_loss_linear(torch.randn(1, 3, 4, dtype=torch.float64), torch.randn(7, 4), None, z, z, 0.5, -1.0)
+
+
+def test_cpu_fused_op_equals_the_pytorch_statistics_and_gradient():
+    """csrc/rb_loss_cpu.cpp against the PyTorch path it replaces on CPU (same float32 arithmetic,
+    fewer passes), at K not a multiple of the vector width, with rows at beta <= 1 (the rem term),
+    z_t = x and z_t != x; and both against float64 sums."""
+    import importlib
+
+    R = importlib.import_module("duo_fast.ops.rb_loss")
+    if not R.cpp_available():
+        pytest.skip("the C++ op is not built or this CPU lacks AVX2/FMA")
+    g = torch.Generator().manual_seed(0)
+    for K in (4099, 50257):
+        N = 21
+        logits = torch.randn(N, K, generator=g) * 3
+        zt = torch.randint(0, K, (N,), generator=g)
+        x0 = torch.where(torch.rand(N, generator=g) < 0.5, zt, torch.randint(0, K, (N,), generator=g))
+        a = 10 ** (-6 * torch.rand(N, generator=g, dtype=torch.float64))           # beta from ~0.05 to ~K^2
+        beta = (K * a / (1 - a)).float()
+        assert bool((beta <= 1).any()) and bool((beta > 1).any())
+        s_t = R._stats_torch(logits, zt, x0, beta)
+        s_c = torch.ops.duo_fast.rb_stats_cpu(logits, zt, x0, beta)
+        # float64 values of the sums the statistics stand for
+        p = torch.softmax(logits.double(), -1)
+        x = beta.double()[:, None] * p
+        exact = torch.stack([torch.logsumexp(logits.double(), -1), torch.log1p(x).sum(-1), (p / (1 + x)).sum(-1),
+                             (x * p / (1 + x)).sum(-1)])
+        for got in (s_t, s_c):
+            err = ((got[[0, 4, 5, 6]].double() - exact).abs() / exact.abs().clamp_min(1e-30)).amax(1)
+            assert bool((err < 1e-4).all()), err
+        err_c = ((s_c[[4, 5, 6]].double() - exact[1:]).abs() / exact[1:].abs()).amax()
+        err_t = ((s_t[[4, 5, 6]].double() - exact[1:]).abs() / exact[1:].abs()).amax()
+        assert float(err_c) <= 2 * float(err_t) + 1e-6
+        assert torch.equal(s_c[1:3], s_t[1:3])                                        # l_i, l_x exactly
+        small = beta <= 1
+        assert torch.allclose(s_c[3, small].double(), s_t[3, small].double(), rtol=1e-4, atol=1e-9)
+        assert torch.allclose(s_c[7:], s_t[7:], rtol=1e-5)
+        coefs = torch.randn(5, N, generator=g)
+        g_t = R._grad_torch(logits, zt, x0, beta, s_t, coefs)
+        g_c = torch.ops.duo_fast.rb_grad_cpu(logits, zt, x0, beta, s_t, coefs, torch.empty_like(logits))
+        assert float((g_c - g_t).abs().max() / g_t.abs().max()) < 1e-5
+        inplace = logits.clone()
+        torch.ops.duo_fast.rb_grad_cpu(inplace, zt, x0, beta, s_t, coefs, inplace)
+        assert torch.equal(inplace, g_c)
