@@ -21,29 +21,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Milliseconds per call: p20, median, p80 over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return {"p20_ms": q(0.2), "median_ms": statistics.median(times), "p80_ms": q(0.8)}
-
-
 def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -55,6 +32,17 @@ def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Milliseconds per call: p20, median, p80 over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = [_time_once(fn, device) for _ in range(repeats)]
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    return {"p20_ms": q(0.2), "median_ms": statistics.median(times), "p80_ms": q(0.8)}
 
 
 def time_pair(a: Callable[[], Any], b: Callable[[], Any], device: torch.device, repeats: int = 3,
