@@ -133,7 +133,9 @@ def _stats(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, triton: bool) -
 
 
 def _grad(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, coefs: Tensor, triton: bool,
-          inplace: bool = False) -> Tensor:
+          inplace: bool = False, out: Tensor | None = None) -> Tensor:
+    """d loss / d logits of one chunk; the C++ path writes into ``out`` (a float32 view of the
+    caller's gradient) when given, and into the logits themselves when ``inplace``."""
     if triton:
         from ..kernels.rb_loss import rb_grad
 
@@ -142,8 +144,10 @@ def _grad(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, c
         lf = logits.float()
         lf = lf if lf.stride(1) == 1 else lf.contiguous()
         own = inplace or lf.data_ptr() != logits.data_ptr()          # a buffer nobody else reads: write into it
-        out = torch.ops.duo_fast.rb_grad_cpu(lf, zt, x0, beta, stats, coefs, lf if own else torch.empty_like(lf))
-        return out.to(logits.dtype)
+        if out is None or out.dtype != torch.float32 or out.stride(1) != 1:
+            out = lf if own else torch.empty_like(lf)
+        res = torch.ops.duo_fast.rb_grad_cpu(lf, zt, x0, beta, stats, coefs, out)
+        return res.to(logits.dtype)
     return _grad_torch(logits, zt, x0, beta, stats, coefs)
 
 
@@ -236,7 +240,9 @@ class _RBLoss(torch.autograd.Function):
             dl = torch.empty_like(logits)
             for s in range(0, N, ctx.chunk):
                 e = s + ctx.chunk
-                dl[s:e] = _grad(logits[s:e], zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], False)
+                g = _grad(logits[s:e], zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], False, out=dl[s:e])
+                if g.data_ptr() != dl[s:e].data_ptr():
+                    dl[s:e] = g
         return dl, None, None, None, None, None, None, None
 
 
