@@ -63,7 +63,8 @@ def time_pair(a: Callable[[], Any], b: Callable[[], Any], device: torch.device, 
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory allocated while ``fn`` runs, above what was allocated before (MB).
+    """Peak memory allocated while ``fn`` runs, above what was allocated before (MB; on CPU above
+    the lowest point before the peak).
     GPU: the CUDA caching allocator's peak. CPU: tracemalloc does not see torch's allocator,
     so the CPU figure comes from torch's CPU profiler memory accounting."""
     if device.type == "cuda":
@@ -83,10 +84,14 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     records = sorted((e for e in prof.profiler.kineto_results.events()
                       if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
                      key=lambda e: e.start_ns())
-    cur = peak = 0
+    # The high-water mark above the lowest point reached before it: a call that first frees an
+    # older block (a gradient from the previous call) and then allocates its own is charged for
+    # what it allocates, not credited with what it freed.
+    cur = low = peak = 0
     for e in records:
         cur += e.nbytes()
-        peak = max(peak, cur)
+        low = min(low, cur)
+        peak = max(peak, cur - low)
     return peak / 2**20
 
 
