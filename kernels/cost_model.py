@@ -16,8 +16,9 @@ with no GPU. Static estimates, never measurements.
 3. **Estimate** each launch: executed warp-instructions = warps x (straight-line code + each loop
    body x its trip count, known from the block sizes); issue time = those instructions at one per
    scheduler per cycle on the resident warps, by waves of CTAs (occupancy from registers and shared
-   memory); HBM time = bytes moved / bandwidth; tensor time = dot FLOPs / bf16 peak. The estimate is
-   the largest of the three. The **floor** of an operator is its unavoidable work at the roofline:
+   memory); HBM time = bytes moved / bandwidth; tensor time = dot FLOPs / bf16 peak; MUFU time =
+   the special-function instructions (exp2, log2, reciprocal, ...) at 16 lanes per SM per cycle.
+   The estimate is the largest of the four. The **floor** of an operator is its unavoidable work at the roofline:
    max(its compulsory bytes / bandwidth, its GEMM FLOPs / bf16 peak).
 4. **Reference style**: what the public implementation does, as a list of GEMMs (at the bf16 peak)
    and materialised elementwise passes (at the HBM bandwidth): a lower bound for it, so every ratio
@@ -52,12 +53,15 @@ H100 = {
     "sms": 132, "schedulers_per_sm": 4, "clock_hz": 1.755e9, "hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12,
     "regs_per_sm": 65536, "max_warps_per_sm": 64, "max_ctas_per_sm": 32, "smem_per_sm": 228 * 1024,
     "smem_reserved_per_cta": 1024, "l2_bytes": 50 * 2**20, "gemm_efficiency": 0.6, "fp32_flops": 67e12,
+    "mufu_lanes_per_sm": 16,
 }
 H100_NOTES = {
     "clock_hz": "sustained SM clock assumed for issue time", "gemm_efficiency":
     "fraction of the bf16 peak assumed for the denoiser's cuBLAS/attention work in the whole-step estimate "
     "(the operators' own GEMMs are taken at the peak: a floor)",
     "fp32_flops": "FP32 (non-tensor-core) peak: float32 matmuls with TF32 off, PyTorch's default",
+    "mufu_lanes_per_sm": "special-function (MUFU: ex2, lg2, rcp, sin, ...) results per cycle per SM: a warp's "
+    "MUFU instruction occupies its pipe for 8 cycles",
 }
 
 # the GPU shapes of the small preset
@@ -230,11 +234,13 @@ def analyse_sass(cubin: bytes) -> dict[str, Any]:
         ops = [_opcode(t) for _, t in excl]
         lp["spills"] = sum(o.startswith(("LDL", "STL")) for o in ops)
         lp["tensor_core"] = sum(o.startswith(("HGMMA", "HMMA")) for o in ops)
+        lp["mufu"] = sum(o.startswith("MUFU") for o in ops)
         lp["skippable"] = _largest_forward_region(excl)
     straight = [(a, t) for a, t in instrs if a <= main_end and not any(lp["start"] <= a <= lp["end"] for lp in loops)]
     tc = sorted({_opcode(t) for _, t in instrs if _opcode(t).startswith(("HGMMA", "HMMA"))})
     return {"registers": usage.get("REG", 0), "stack_bytes": usage.get("STACK", 0), "loops": loops,
             "straight_instructions": len(straight), "total_instructions": len(instrs),
+            "straight_mufu": sum(_opcode(t).startswith("MUFU") for _, t in straight),
             "spills_total": sum(_opcode(t).startswith(("LDL", "STL")) for _, t in instrs),
             "tensor_core_ops": tc, "uses_tensor_cores": bool(tc)}
 
@@ -267,11 +273,13 @@ def estimate_launch(sass: dict[str, Any], warps: int, shared: int, grid: tuple[i
     """``trips[d]``: iterations of a depth-``d`` loop per enclosing iteration; ``skip_fraction``:
     share of innermost iterations whose skippable region is not executed (sparse kernels)."""
     per_warp = float(sass["straight_instructions"])
+    mufu_per_warp = float(sass.get("straight_mufu", 0))
     for lp in sass["loops"]:
         # loops deeper than the kernel's own (barrier/mbarrier wait loops of a few instructions) count once
         n = math.prod(trips[:min(lp["depth"], len(trips) - 1) + 1])
         body = lp["instructions"] - (skip_fraction * lp["skippable"] if lp["innermost"] else 0.0)
         per_warp += n * body
+        mufu_per_warp += n * lp.get("mufu", 0)           # never discounted for skipped regions: conservative
     occ = occupancy(sass["registers"], warps, shared)
     ctas = math.prod(grid)
     if occ["ctas_per_sm"] == 0:
@@ -282,10 +290,13 @@ def estimate_launch(sass: dict[str, Any], warps: int, shared: int, grid: tuple[i
     issue_s = waves * (resident * warps * per_warp) / issue_rate / H100["clock_hz"]
     hbm_s = hbm_bytes / H100["hbm_bytes_per_s"]
     tensor_s = flops / H100["bf16_flops"] if sass["uses_tensor_cores"] else 0.0
+    # the MUFU pipe: every lane's special-function result at mufu_lanes_per_sm per cycle, all SMs busy
+    mufu_s = mufu_per_warp * warps * ctas * 32 / (H100["mufu_lanes_per_sm"] * H100["sms"] * H100["clock_hz"])
     spills_hot = sum(lp["spills"] for lp in sass["loops"])
+    times = (issue_s, hbm_s, tensor_s, mufu_s)
     return {"warp_instructions": per_warp * warps * ctas, "issue_ms": issue_s * 1e3, "hbm_ms": hbm_s * 1e3,
-            "tensor_ms": tensor_s * 1e3, "estimate_ms": max(issue_s, hbm_s, tensor_s) * 1e3,
-            "bound": ("issue", "hbm", "tensor")[max(range(3), key=lambda i: (issue_s, hbm_s, tensor_s)[i])],
+            "tensor_ms": tensor_s * 1e3, "mufu_ms": mufu_s * 1e3, "estimate_ms": max(times) * 1e3,
+            "bound": ("issue", "hbm", "tensor", "mufu")[max(range(4), key=lambda i: times[i])],
             "waves": waves, "hot_loop_spills": spills_hot, **occ}
 
 

@@ -9,10 +9,14 @@ rewritten without cancellation), evaluated in float64. The Psi sampler mixes in
 ``a_s q0 + (1 - a_s)/K`` with ``q0`` the posterior at ``s = 0``: the same three parts with other
 weights. No ``B x L x K`` temporary exists.
 
-Randomness: Philox keyed by ``seed``, counters ``(vocab index, row, stream, 0)``: the Gumbel
+Randomness: Philox keyed by ``seed``; vocabulary index ``c`` of a row takes word ``c % 4`` of
+counter ``(c // 4, row, 0, 0)`` (stream 0: all four words of each call are used): the Gumbel
 noise of a (row, vocab index) is the same whatever the block sizes, so the fused-linear kernel
 draws exactly what the logits kernel draws. The Gumbel is ``-log E`` with ``E = exponential32``
 of one Philox word (26 nats of range: no id within 25 nats of the top is ever excluded). The
+kernels work in base 2 (logits times ``log2(e)``, ``exp2``, ``lg2_approx``: one MUFU instruction
+per log or exp, no ``ln 2`` scalings); the Gumbel-argmax ``l log2(e) - log2(log2(e) E)`` is the
+natural-base one scaled by ``log2(e)`` and shifted by a constant, the same draw. The
 mixture uniform has 53 bits; the uniform id
 uses ``(r * K) >> 32`` (relative bias at most ``K / 2^32``).
 
@@ -26,12 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import exponential32, interpreting, mma
+from ._common import exponential32_log2e, interpreting, lg2_approx, mma
 
 __all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks"]
 
 _GUMBEL_STREAM = 0
 _MIX_STREAM = 1
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -61,6 +66,24 @@ def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.cons
 
 
 @triton.jit
+def _gumbel_tile(seed, rows, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gumbel noise of the (rows, k0 + [0, BLOCK_K)) tile in base 2: ``-log2(log2(e) E)``, float32.
+    Vocabulary index ``c`` uses word ``c % 4`` of Philox counter ``(c // 4, row, 0, 0)`` (stream
+    0): one Philox call per four ids, the same noise whatever the block sizes (``k0`` and
+    ``BLOCK_K`` multiples of 4)."""
+    j = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    c0 = j[None, :] + rows[:, None] * 0
+    c1 = rows[:, None] + j[None, :] * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    g0 = -lg2_approx(exponential32_log2e(r0))
+    g1 = -lg2_approx(exponential32_log2e(r1))
+    g2 = -lg2_approx(exponential32_log2e(r2))
+    g3 = -lg2_approx(exponential32_log2e(r3))
+    # element [n, j, p, q] of the double join is word 2p + q: flattened, column 4j + t gets word t
+    return tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
 def _initial_state(BLOCK: tl.constexpr):
     """Running state of BLOCK rows: (max, sum of exp, best score, best id, logit at z_t)."""
     return (tl.full((BLOCK,), float("-inf"), tl.float32), tl.zeros((BLOCK,), tl.float32),
@@ -68,22 +91,20 @@ def _initial_state(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed, FINAL: tl.constexpr):
+def _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed, FINAL: tl.constexpr):
     """Fold one (rows, vocabulary chunk) tile of logits into the per-row running state:
-    online log-sum-exp (m_i, s_i), Gumbel-argmax (best_v, best_i; plain argmax when greedy)
-    and the logit at z_t (l_i). logit: (BLOCK_M, BLOCK_K) float32 with -inf outside the vocabulary."""
+    online log-sum-exp in base 2 (m_i, s_i), Gumbel-argmax (best_v, best_i; plain argmax when
+    greedy) and the logit at z_t (l_i). logit: (BLOCK_M, BLOCK_K) float32, times log2(e) unless
+    greedy, -inf outside the vocabulary; cols = k0 + [0, BLOCK_K)."""
     m_new = tl.maximum(m_i, tl.max(logit, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows still all -inf (nucleus-filtered)
-    s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(logit - m_ref[:, None]), 1)
+    s_i = s_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(logit - m_ref[:, None]), 1)
     if FINAL == 2:
         score = logit
     else:
-        c0 = cols[None, :] + rows[:, None] * 0
-        c1 = rows[:, None] + cols[None, :] * 0
-        r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)          # stream 0: Gumbel noise
-        score = logit - tl.log(exponential32(r))                       # Gumbel: -log of an Exp(1)
+        score = logit + _gumbel_tile(seed, rows, k0, logit.shape[0], logit.shape[1])
     blk_v = tl.max(score, 1)
-    blk_i = tl.argmax(score, 1).to(tl.int32) + tl.min(cols, 0)
+    blk_i = tl.argmax(score, 1).to(tl.int32) + k0
     take = blk_v > best_v
     best_i = tl.where(take, blk_i, best_i)
     best_v = tl.where(take, blk_v, best_v)
@@ -97,7 +118,7 @@ def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr,
     if FINAL == 2:
         out = best_i
     else:
-        x_i = tl.exp(l_i - (m_i + tl.log(s_i))).to(tl.float64)       # x_theta[z_t]
+        x_i = tl.exp2(l_i - (m_i + tl.log2(s_i))).to(tl.float64)     # x_theta[z_t] (base-2 state)
         a_t = tl.load(a_t_ptr + rows, mask=rmask, other=0.5)
         a_s = tl.load(a_s_ptr + rows, mask=rmask, other=1.0)
         kappa = a_t
@@ -126,8 +147,12 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
         raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        logit = tl.where(cmask[None, :] & (raw >= cut[:, None]), raw, float("-inf"))
-        m_i, s_i, best_v, best_i, l_i = _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
+        if FINAL != 2:
+            raw_s = raw * _LOG2E
+        else:
+            raw_s = raw
+        logit = tl.where(cmask[None, :] & (raw >= cut[:, None]), raw_s, float("-inf"))
+        m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
                                                        FINAL)
     _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
 
@@ -183,7 +208,7 @@ def _nucleus_cut_kernel(logits_ptr, stride_n, cut_ptr, N, K, top_p, BLOCK_M: tl.
 def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr,
                                     out_ptr, N, K, D, seed: tl.int64, seed_ptr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
                                     USE_PSI: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
-                                    SEED_FROM_PTR: tl.constexpr,
+                                    SEED_FROM_PTR: tl.constexpr, EVEN_D: tl.constexpr,
                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     if SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
@@ -191,22 +216,29 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
     rmask = rows < N
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
     m_i, s_i, best_v, best_i, l_i = _initial_state(BLOCK_N)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    # rows past N and ids past K read the last valid row (their results are masked): no row or
+    # column masks in the GEMM loop, and none along D when BLOCK_D divides it
+    h_rows = h_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_hn
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
+        w_rows = w_ptr + tl.minimum(cols, K - 1).to(tl.int64)[:, None] * stride_wk
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for d0 in range(0, D, BLOCK_D):                                 # logits tile = h @ W_chunk^T
             dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            hb = tl.load(h_rows + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            wb = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dd[None, :],
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            if EVEN_D:
+                hb = tl.load(h_rows + dd[None, :])
+                wb = tl.load(w_rows + dd[None, :])
+            else:
+                hb = tl.load(h_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
+                wb = tl.load(w_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
             acc = mma(hb, tl.trans(wb), acc, IEEE, EMULATE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if FINAL != 2:                                                  # base 2 (as the logits kernel rounds it)
+            acc = acc * _LOG2E
         logit = tl.where(cmask[None, :], acc, float("-inf"))
-        m_i, s_i, best_v, best_i, l_i = _online_update(logit, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
+        m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
                                                        FINAL)
     _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
 
@@ -216,7 +248,7 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
 # ---------------------------------------------------------------------------------------------
 
 def logits_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
-    """(BLOCK_M rows, BLOCK_K vocabulary chunk) of the logits kernel: tiles of about 8k elements
+    """(BLOCK_M rows, BLOCK_K vocabulary chunk) of the logits kernel: tiles of 4k-8k elements
     on a GPU. The interpreter (TRITON_INTERPRET=1) runs programs one after another in Python,
     so there it gets tiles of 64k elements (fewer programs, same results: the noise is keyed
     by row and vocabulary index, not by tile)."""
@@ -227,19 +259,25 @@ def logits_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
         return max(1, min(1024, 65536 // block_k)), block_k
     # a small menu of GPU configurations (each one is compiled and checked for sm_90 in CI)
     block_k = 2048 if K >= 2048 else 1024 if K >= 512 else 128 if K >= 64 else 16
-    return max(1, min(64, 8192 // block_k)), block_k
+    # 8192-element tiles with 8 warps (block_k 2048), 4096 with 4: 32 logits per thread, no spills
+    return max(1, min(64, (8192 if block_k >= 2048 else 4096) // block_k)), block_k
 
 
-def linear_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tuple[int, int, int]:
+def linear_blocks(N: int, K: int, D: int, interpret: bool | None = None, ieee: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_D) of the fused-linear kernel (tensor-core friendly, >= 16); the
-    interpreter gets large tiles, as in :func:`logits_blocks`."""
+    interpreter gets large tiles, as in :func:`logits_blocks`. ``ieee``: fp32 operands, whose
+    exact product runs on the FMA units and needs a thinner step along D (no spills)."""
     if interpret is None:
         interpret = interpreting()
     if interpret:
         return 256, min(256, triton.next_power_of_2(max(K, 16))), min(128, triton.next_power_of_2(max(D, 16)))
-    block_n = 128 if N >= 128 else 64 if N >= 64 else 16       # 128 x 64 tiles, 8 warps: no spills (cost model)
+    if ieee:
+        return (128 if N >= 128 else 64 if N >= 64 else 16), (64 if K >= 64 else 16), (32 if D >= 32 else 16)
+    # 128 x 64 tiles, 8 warps, 128-wide steps along D when they divide it (no masks, half the loop
+    # overhead of 64): no spills, the fewest instructions per logit (cost model)
+    block_n = 128 if N >= 128 else 64 if N >= 64 else 16
     block_k = 64 if K >= 64 else 16
-    block_d = 64 if D >= 64 else 16
+    block_d = 128 if D % 128 == 0 else 64 if D >= 64 else 16
     return block_n, block_k, block_d
 
 
@@ -322,12 +360,13 @@ def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: tor
     out = torch.empty(N, dtype=torch.int64, device=h.device)
     if N == 0:
         return out
-    bn, bk, bd = linear_blocks(N, K, D)
+    bn, bk, bd = linear_blocks(N, K, D, ieee=h.dtype == torch.float32)
     seed, seed_ptr = _seed_args(seed, h.device)
     _sample_posterior_linear_kernel[(triton.cdiv(N, bn),)](
         h, h.stride(0), weight, weight.stride(0), bias if bias is not None else weight, zt, a_s, a_t,
         kappa if kappa is not None else a_t, out, N, K, D, seed, seed_ptr if seed_ptr is not None else zt,
         HAS_BIAS=bias is not None, FINAL=final, USE_PSI=kappa is not None, IEEE=h.dtype == torch.float32,
         EMULATE=interpreting(),
-        SEED_FROM_PTR=seed_ptr is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=8 if bn == 128 else 4)
+        SEED_FROM_PTR=seed_ptr is not None, EVEN_D=D % bd == 0, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd,
+        num_warps=8 if bn == 128 else 4)
     return out

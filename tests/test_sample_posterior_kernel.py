@@ -8,9 +8,13 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE, assert_binomial, chi_square_pvalue
 
 from duo_fast import reference as ref
+from duo_fast.kernels import sample_posterior as sp_kernels
+from duo_fast.kernels._common import exponential32_log2e, lg2_approx
 from duo_fast.kernels.sample_posterior import sample_posterior_fwd, sample_posterior_linear_fwd
 from duo_fast.ops import sample_posterior, sample_posterior_linear
 
@@ -57,6 +61,32 @@ def test_results_do_not_depend_on_block_sizes(K):
     base = sample_posterior_fwd(logits, zt, a_s, a_t, None, 7, 0)
     for blocks in ([(1, 16)] if K <= 300 else []) + [(4, 64), (16, 1024)]:
         assert torch.equal(sample_posterior_fwd(logits, zt, a_s, a_t, None, 7, 0, blocks=blocks), base), blocks
+
+
+@triton.jit
+def _tile_and_elementwise(g_ptr, want_ptr, seed, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    out = rows[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(g_ptr + out, sp_kernels._gumbel_tile(seed, rows, k0, BLOCK_M, BLOCK_K))
+    c0 = cols[None, :] // 4 + rows[:, None] * 0
+    c1 = rows[:, None] + cols[None, :] * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    w = cols[None, :] % 4
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    tl.store(want_ptr + out, -lg2_approx(exponential32_log2e(r)))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="Triton needs CUDA or the interpreter")
+def test_noise_of_id_c_is_word_c_mod_4_of_counter_c_div_4():
+    """The documented stream (kernels/sample_posterior.py): one Philox call per four ids, laid
+    out by the double join exactly as the element-by-element definition says."""
+    for k0, bm, bk in ((0, 2, 16), (4096, 4, 64)):
+        g, want = (torch.empty(bm, bk, device=DEVICE) for _ in range(2))
+        _tile_and_elementwise[(1,)](g, want, 987654321, k0, BLOCK_M=bm, BLOCK_K=bk)
+        assert torch.equal(g, want)
+        assert g.unique().numel() == bm * bk             # four different words, not one repeated
 
 
 def test_streams_are_independent_across_rows_and_seeds():
