@@ -134,28 +134,32 @@ def _relaxed_calls() -> list[tuple[str, Callable[[], Any]]]:
 
     out = []
 
-    def call(N: int, K: int, D: int, dt: str, sparse: bool, has_eps: bool, backward: bool) -> Callable[[], Any]:
+    def call(N: int, K: int, D: int, dt: str, sparse: bool, has_eps: bool, backward: bool,
+             ieee: bool = False) -> Callable[[], Any]:
         def run() -> Any:
             x0, at = _meta(N, dtype=torch.int64), _meta(N, dtype=torch.float32)
             eps = _meta(N, K, dtype=torch.float32) if has_eps else None
             if backward:
                 return re_k.relaxed_bwd(x0, at, at, _meta(2, N, dtype=torch.float32), _meta(N, D, dtype=_dtype(dt)), K,
-                                        1e-3, 2**61 + 7, sparse, eps)
-            return re_k.relaxed_fwd(x0, at, at, _meta(K, D, dtype=_dtype(dt)), 1e-3, 2**61 + 7, sparse, eps)
+                                        1e-3, 2**61 + 7, sparse, eps, ieee=ieee)
+            return re_k.relaxed_fwd(x0, at, at, _meta(K, D, dtype=_dtype(dt)), 1e-3, 2**61 + 7, sparse, eps, ieee=ieee)
         return run
 
     for N in (1, 100, 32768):
         for K in (20, 100, 600, 50257):
             for D in (20, 70, 768):
                 for backward in (False, True):
-                    out.append((f"{'bwd' if backward else 'fwd'} fp32 N={N} K={K} D={D}",
-                                call(N, K, D, "fp32", True, False, backward)))
+                    for ieee in (False, True):
+                        out.append((f"{'bwd' if backward else 'fwd'} fp32{' ieee' if ieee else ''} N={N} K={K} D={D}",
+                                    call(N, K, D, "fp32", True, False, backward, ieee)))
     for dt in ("fp32", "bf16", "fp16"):
         for sparse in (False, True):
             for has_eps in (False, True):
                 for backward in (False, True):
-                    out.append((f"{'bwd' if backward else 'fwd'} {dt} production sparse={int(sparse)} "
-                                f"eps={int(has_eps)}", call(16384, 50257, 768, dt, sparse, has_eps, backward)))
+                    for ieee in (False, True) if dt == "fp32" else (False,):
+                        out.append((f"{'bwd' if backward else 'fwd'} {dt}{' ieee' if ieee else ''} production "
+                                    f"sparse={int(sparse)} eps={int(has_eps)}",
+                                    call(16384, 50257, 768, dt, sparse, has_eps, backward, ieee)))
     return out
 
 

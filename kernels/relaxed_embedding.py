@@ -1,29 +1,33 @@
-"""Triton kernels: the curriculum's relaxed input embedding (docs/math.md section 5).
+"""Triton kernels: the curriculum's relaxed input embedding, dense and sparse (docs/math.md section 5).
 
 Per token ``n`` with clean id ``x``: ``w_j = at [j = x] + st eps_j`` (``eps`` standard normal),
-``z_t = argmax_j w_j``, ``h0 = sum_j softmax(w / tau)_j E_j``. Structurally attention with random
-scores: scores ``w / tau`` from a counter-based RNG (never stored), values the embedding rows.
+``z_t = argmax_j w_j``, ``h0 = sum_j softmax(w / tau)_j E_j = P @ E``. The noise of each
+(token, id) is generated once per pass, and the two products are tensor-core GEMMs:
 
-* ``_re_fwd_kernel`` (grid: token blocks x D blocks). Dense mode: one pass over the vocabulary
-  with an online softmax (running max, running sum, rescaled accumulator ``P @ E``) and the
-  running argmax of ``w``; writes ``h0``, ``z_t`` and the normaliser ``norm = (max w, log sum
-  exp((w - max w) / tau))`` (kept in w-space: ``w / tau`` rounded at the scale ``1/tau`` would cost
-  digits at small ``tau``). Sparse mode: ``norm`` and ``z_t`` come from ``_re_stats_kernel`` (an
-  RNG-only pass), the weights
-  are then known exactly, and a (token block, vocabulary chunk) tile whose weights are all below
-  ``delta`` skips its embedding load and its matmul. With ``delta = 1e-6 / K`` the dropped weight
-  per token is below ``K * delta = 1e-6``, so ``|h0 - h0_exact| <= 1e-6 max_j |E_j|``.
-* ``_re_stats_kernel`` (grid: token blocks): the RNG-only pass: ``z_t`` and ``norm``.
-* ``_re_bwd_kernel`` (grid: vocabulary blocks x D blocks): ``dE = P^T dh0``, regenerating the
-  same noise from the same seed and counters (no gradient flows to the noise), each program
-  owning its tile of ``dE`` (no atomics); sparse mode skips tiles with all weights below ``delta``.
+* ``_re_stats_kernel`` (grid: token blocks): the RNG-only pass: ``z_t`` and the normaliser
+  ``norm = (max w, log sum exp((w - max w) / tau))`` (kept in w-space: ``w / tau`` rounded at the
+  scale ``1/tau`` would cost digits at small ``tau``).
+* ``_re_probs_kernel`` (grid: 64 x 64 tiles of tokens x ids): regenerates the noise of its tile
+  and writes the weights ``P = softmax(w / tau)`` into a (tokens, ids) buffer padded to multiples
+  of 128, in the dot's operand dtype (bf16, or fp16 for fp16 embeddings; fp32 for the explicit
+  IEEE product). Sparse mode: a tile whose weights are all below ``delta`` is flagged as empty;
+  with ``delta = 1e-6 / K`` the weight a GEMM drops by skipping such tiles is below
+  ``K * delta = 1e-6`` per token, so ``|h0 - h0_exact| <= 1e-6 max_j |E_j|``.
+* ``_mm_kernel``: ``C (+)= A @ B`` with fp32 accumulation, skipping the (64 x 64)-tile blocks the
+  flags mark empty: the forward ``h0 = P @ E`` and the backward ``dE += P^T dh`` (``P`` read
+  transposed through its strides; no gradient flows to the noise).
 
-Randomness: Philox keyed by ``seed`` with counters ``(vocabulary id, token, 2, 0)`` and a
-Box-Muller transform: the noise of a (token, id) pair does not depend on the block sizes, so the
-forward, the backward and the sparse pre-pass see the same ``eps``. ``HAS_EPS`` replaces the RNG
-by an explicit (N, K) tensor (tests). Dots (``_common.mma``): fp32 inputs use IEEE fp32, bf16/fp16
-tensor cores with fp32 accumulation; the interpreter runs the same bf16 branch with only the dot
-emulated. This module never imports duo_fast.
+Tokens are processed in chunks whose ``P`` stays within 512 MiB; the backward regenerates ``P``
+from the seed and the saved ``norm`` rather than keeping it.
+
+Randomness: Philox keyed by ``seed``; id ``c`` of token ``n`` is draw ``c % 4`` of counter
+``(c // 4, n, 2, 0)``: its four words make two Box-Muller pairs (``kernels._common.normal_pair``:
+cosine then sine of words 0-1, then of words 2-3). The noise of a (token, id) pair does not
+depend on the block sizes, so the three kernels see the same ``eps``. ``HAS_EPS`` replaces the
+RNG by an explicit (N, K) tensor (tests). Dots (``_common.mma``): bf16/fp16 tensor cores with
+fp32 accumulation whatever the embedding's dtype (an fp32 embedding is rounded to bf16 in the
+tile); ``IEEE`` (an explicit option) multiplies fp32 exactly. The interpreter runs the same
+branches with only the dot emulated. This module never imports duo_fast.
 """
 
 from __future__ import annotations
@@ -32,12 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, mma, normal32
+from ._common import cast, interpreting, mma, normal_pair
 
-__all__ = ["relaxed_stats", "relaxed_fwd", "relaxed_bwd", "fwd_blocks", "stats_blocks", "bwd_blocks",
-           "sparse_delta", "warps"]
+__all__ = ["relaxed_stats", "relaxed_fwd", "relaxed_bwd", "probs", "stats_blocks", "fwd_blocks", "bwd_blocks",
+           "chunk_tokens", "sparse_delta", "FLAG_BLOCK", "PAD"]
 
 _NOISE_STREAM = 2
+_LOG2E = tl.constexpr(1.4426950408889634)
+FLAG_BLOCK = 64          # tile of the probabilities kernel and of the sparse flags (tokens x ids)
+PAD = 128                # the P buffer's rows and columns are padded to multiples of this (>= every GEMM K-step)
+_CHUNK_BYTES = 2**29     # P of one chunk of tokens stays within 512 MiB
 
 
 def sparse_delta(K: int) -> float:
@@ -46,16 +54,23 @@ def sparse_delta(K: int) -> float:
 
 
 @triton.jit
-def _noise(seed, rows, cols, eps_ptr, stride_en, mask, HAS_EPS: tl.constexpr):
-    """Standard normal eps of the (rows, cols) tile: Philox + Box-Muller, or loaded (tests)."""
+def _noise(seed, rows, k0, eps_ptr, stride_en, N, K, HAS_EPS: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    """Standard normal eps of the (rows, k0 + [0, BLOCK_K)) tile: one Philox call per four ids,
+    two Box-Muller pairs per call; or loaded (tests)."""
     if HAS_EPS:
-        eps = tl.load(eps_ptr + rows.to(tl.int64)[:, None] * stride_en + cols[None, :], mask=mask,
-                      other=0.0).to(tl.float32)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        eps = tl.load(eps_ptr + rows.to(tl.int64)[:, None] * stride_en + cols[None, :],
+                      mask=(rows < N)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
     else:
-        c0 = cols[None, :] + rows[:, None] * 0
-        c1 = rows[:, None] + cols[None, :] * 0
-        r0, r1, _, _ = tl.philox(seed, c0, c1, c0 * 0 + 2, c0 * 0)
-        eps = normal32(r0, r1)
+        j = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        c0 = j[None, :] + rows[:, None] * 0
+        c1 = rows[:, None] + j[None, :] * 0
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + 2, c0 * 0)
+        e0, e1 = normal_pair(r0, r1)
+        e2, e3 = normal_pair(r2, r3)
+        # element [n, j, p, q] of the double join is draw 2p + q: flattened, column 4j + t gets draw t
+        eps = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (BLOCK_M, BLOCK_K))
     return eps
 
 
@@ -66,129 +81,105 @@ def _latent(eps, cols, x0, at, st, cmask):
     return tl.where(cmask[None, :], w, float("-inf"))
 
 
-@triton.jit
-def _online_step(w, k0, m_w, l_i, best_i, inv_tau):
-    """Fold a tile of latents into the running (max of w, sum of exp((w - max)/tau), argmax).
-    The max is kept in w-space: (w - m) / tau loses no digits where w is close to m, whereas
-    w / tau - m / tau would round both terms at the scale of 1/tau (~1e3 at tau = 1e-3)."""
-    blk_w = tl.max(w, 1)
-    blk_i = tl.argmax(w, 1).to(tl.int32) + k0
-    take = blk_w > m_w
-    best_i = tl.where(take, blk_i, best_i)
-    m_new = tl.maximum(m_w, blk_w)
-    scale = tl.exp((m_w - m_new) * inv_tau)
-    p = tl.exp((w - m_new[:, None]) * inv_tau)
-    l_i = l_i * scale + tl.sum(p, 1)
-    return m_new, l_i, best_i, (p, scale)
-
-
-@triton.jit
-def _weights(w, m_w, log_l, inv_tau):
-    """softmax(w / tau) of a tile from the row's (max of w, log of the normaliser)."""
-    return tl.exp((w - m_w[:, None]) * inv_tau - log_l[:, None])
-
-
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
-def _re_stats_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, zt_ptr, norm_ptr, N, K, seed: tl.int64, inv_tau,
+def _re_stats_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, zt_ptr, norm_ptr, N, K, seed: tl.int64, inv_tau2,
                      HAS_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per token: running max of w (its argmax is z_t) and the sum of exp((w - max)/tau), in base 2
+    (``inv_tau2 = log2(e) / tau``). The max is kept in w-space: (w - m) / tau loses no digits where
+    w is close to m."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
     at = tl.load(at_ptr + rows, mask=rmask, other=0.0)
     st = tl.load(st_ptr + rows, mask=rmask, other=1.0)
-    m_w = tl.full((BLOCK_M,), float("-inf"), tl.float32)      # running max of w (its argmax is z_t)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)                    # running sum of exp((w - m_w) / tau)
+    m_w = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
     best_i = tl.zeros((BLOCK_M,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        eps = _noise(seed, rows, cols, eps_ptr, stride_en, rmask[:, None] & cmask[None, :], HAS_EPS)
-        w = _latent(eps, cols, x0, at, st, cmask)
-        m_w, l_i, best_i, _ = _online_step(w, k0, m_w, l_i, best_i, inv_tau)
+        eps = _noise(seed, rows, k0, eps_ptr, stride_en, N, K, HAS_EPS, BLOCK_M, BLOCK_K)
+        w = _latent(eps, cols, x0, at, st, cols < K)
+        blk_w = tl.max(w, 1)
+        blk_i = tl.argmax(w, 1).to(tl.int32) + k0
+        best_i = tl.where(blk_w > m_w, blk_i, best_i)
+        m_new = tl.maximum(m_w, blk_w)
+        l_i = l_i * tl.exp2((m_w - m_new) * inv_tau2) + tl.sum(tl.exp2((w - m_new[:, None]) * inv_tau2), 1)
+        m_w = m_new
     tl.store(zt_ptr + rows, best_i.to(tl.int64), mask=rmask)
     tl.store(norm_ptr + rows, m_w, mask=rmask)
     tl.store(norm_ptr + N + rows, tl.log(l_i), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
-def _re_fwd_kernel(x0_ptr, at_ptr, st_ptr, e_ptr, stride_ek, eps_ptr, stride_en, zt_ptr, norm_ptr, h_ptr, stride_hn,
-                   N, K, D, seed: tl.int64, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
-                   EMULATE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_d = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
+def _re_probs_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, p_ptr, stride_pn, flags_ptr, row0, n_rows,
+                     N, K, seed: tl.int64, inv_tau2, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr,
+                     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """P[r, c] = softmax(w / tau) of token ``row0 + r`` at id ``c`` for a (BLOCK_M, BLOCK_K) tile
+    of the padded buffer: zeros past ``n_rows`` tokens and past ``K`` ids. ``SPARSE``: the flag
+    of a tile with every weight below ``delta`` is 0 (1 otherwise)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = local < n_rows
+    rows = row0 + local
+    k0 = pid_k * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
     x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
     at = tl.load(at_ptr + rows, mask=rmask, other=0.0)
     st = tl.load(st_ptr + rows, mask=rmask, other=1.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    m_w = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    best_i = tl.zeros((BLOCK_M,), tl.int32)
-    if SPARSE:
-        m_w = tl.load(norm_ptr + rows, mask=rmask, other=0.0)
-        log_l = tl.load(norm_ptr + N + rows, mask=rmask, other=0.0)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        eps = _noise(seed, rows, cols, eps_ptr, stride_en, rmask[:, None] & cmask[None, :], HAS_EPS)
-        w = _latent(eps, cols, x0, at, st, cmask)
-        e_ptrs = e_ptr + cols.to(tl.int64)[:, None] * stride_ek + dd[None, :]
-        e_mask = cmask[:, None] & dmask[None, :]
-        if SPARSE:
-            p = tl.where(rmask[:, None], _weights(w, m_w, log_l, inv_tau), 0.0)
-            if tl.max(tl.max(p, 1), 0) >= delta:            # otherwise every weight of the tile is dropped
-                e = tl.load(e_ptrs, mask=e_mask, other=0.0)
-                acc = mma(cast(p, e.dtype, EMULATE), e, acc, IEEE, EMULATE)
-        else:
-            m_w, l_i, best_i, ps = _online_step(w, k0, m_w, l_i, best_i, inv_tau)
-            p, scale = ps
-            e = tl.load(e_ptrs, mask=e_mask, other=0.0)
-            acc = acc * scale[:, None]
-            acc = mma(cast(p, e.dtype, EMULATE), e, acc, IEEE, EMULATE)
-    if not SPARSE:
-        acc = acc / l_i[:, None]
-        if pid_d == 0:
-            tl.store(zt_ptr + rows, best_i.to(tl.int64), mask=rmask)
-            tl.store(norm_ptr + rows, m_w, mask=rmask)
-            tl.store(norm_ptr + N + rows, tl.log(l_i), mask=rmask)
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + dd[None, :], cast(acc, h_ptr.dtype.element_ty, EMULATE),
-             mask=rmask[:, None] & dmask[None, :])
+    m_w = tl.load(norm_ptr + rows, mask=rmask, other=0.0)
+    log_l2 = tl.load(norm_ptr + N + rows, mask=rmask, other=0.0) * _LOG2E
+    eps = _noise(seed, rows, k0, eps_ptr, stride_en, N, K, HAS_EPS, BLOCK_M, BLOCK_K)
+    w = _latent(eps, cols, x0, at, st, cols < K)
+    p = tl.exp2((w - m_w[:, None]) * inv_tau2 - log_l2[:, None])
+    p = tl.where(rmask[:, None], p, 0.0)
+    if SPARSE:                  # the tile's weights are still written: a GEMM tile spanning a flagged and an
+        # unflagged one adds them exactly, not as zeros. The largest weight of a row is that of its largest w.
+        p_max = tl.exp2((tl.max(w, 1) - m_w) * inv_tau2 - log_l2)
+        keep = tl.max(tl.where(rmask, p_max, 0.0), 0) >= delta
+        tl.store(flags_ptr + pid_m * tl.num_programs(1) + pid_k, keep.to(tl.int8))
+    tl.store(p_ptr + local.to(tl.int64)[:, None] * stride_pn + cols[None, :], cast(p, p_ptr.dtype.element_ty, EMULATE))
 
 
-@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
-def _re_bwd_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, dh_ptr, stride_dn, de_ptr, stride_dek,
-                   N, K, D, seed: tl.int64, inv_tau, delta, HAS_EPS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
-                   EMULATE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cmask = cols < K
-    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
-    for m0 in range(0, N, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
-        at = tl.load(at_ptr + rows, mask=rmask, other=0.0)
-        st = tl.load(st_ptr + rows, mask=rmask, other=1.0)
-        m_w = tl.load(norm_ptr + rows, mask=rmask, other=0.0)
-        log_l = tl.load(norm_ptr + N + rows, mask=rmask, other=0.0)
-        eps = _noise(seed, rows, cols, eps_ptr, stride_en, rmask[:, None] & cmask[None, :], HAS_EPS)
-        w = _latent(eps, cols, x0, at, st, cmask)
-        p = tl.where(rmask[:, None], _weights(w, m_w, log_l, inv_tau), 0.0)     # (BLOCK_M, BLOCK_K)
-        dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dn + dd[None, :]
-        dh_mask = rmask[:, None] & dmask[None, :]
-        if SPARSE:
-            if tl.max(tl.max(p, 1), 0) >= delta:
-                dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-                acc = mma(tl.trans(cast(p, dh.dtype, EMULATE)), dh, acc, IEEE, EMULATE)
-        else:
-            dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-            acc = mma(tl.trans(cast(p, dh.dtype, EMULATE)), dh, acc, IEEE, EMULATE)
-    tl.store(de_ptr + cols.to(tl.int64)[:, None] * stride_dek + dd[None, :], acc, mask=cmask[:, None] & dmask[None, :])
+@triton.jit
+def _mm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, c_ptr, stride_cm, stride_cn,
+               flags_ptr, stride_fm, stride_fk, flags_m, flags_k, M, N_out, K_steps, b_rows,
+               ACCUMULATE: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FB: tl.constexpr):
+    """c[:M, :N_out] (+)= a @ b with fp32 accumulation. ``a`` (rows >= M exist: the padded P or
+    its transpose) is read over ``K_steps`` (a multiple of BLOCK_K) columns; ``b``'s rows past
+    ``b_rows`` are clamped to the last (``a`` is zero there), its columns past ``N_out`` too (not
+    stored), so the loop has no masks. ``a`` and ``b`` share a dtype (bf16/fp16: tensor cores;
+    fp32 with ``IEEE``). ``SKIP``: a K-step whose (FB x FB) flags over this tile's rows are all 0
+    is skipped (its part of ``a`` is zero)."""
+    pid_n = tl.program_id(0)          # the column tiles of one row block run side by side: its rows of a
+    pid_m = tl.program_id(1)          # (the large operand) come from HBM once and from L2 after
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + tl.minimum(rn, N_out - 1)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    FM: tl.constexpr = BLOCK_M // FB if BLOCK_M >= FB else 1
+    FK: tl.constexpr = BLOCK_K // FB if BLOCK_K >= FB else 1
+    fm = (pid_m * BLOCK_M) // FB + tl.arange(0, FM)
+    for k0 in range(0, K_steps, BLOCK_K):
+        kk = k0 + rk
+        run = True
+        if SKIP:
+            fk = k0 // FB + tl.arange(0, FK)
+            f = tl.load(flags_ptr + fm[:, None] * stride_fm + fk[None, :] * stride_fk,
+                        mask=(fm < flags_m)[:, None] & (fk < flags_k)[None, :], other=0)
+            run = tl.max(tl.max(f.to(tl.int32), 1), 0) > 0
+        if run:
+            a = tl.load(a_rows + kk.to(tl.int64)[None, :] * stride_ak)
+            b = tl.load(b_cols + tl.minimum(kk, b_rows - 1).to(tl.int64)[:, None] * stride_bk)
+            acc = mma(a, b, acc, IEEE, EMULATE)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+    cmask = (rm < M)[:, None] & (rn < N_out)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=cmask, other=0.0)
+    tl.store(c_ptrs, cast(acc, c_ptr.dtype.element_ty, EMULATE), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +190,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def fwd_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tuple[int, int, int]:
-    """(BLOCK_M tokens, BLOCK_K ids, BLOCK_D features) of the forward kernel: tensor-core tiles on
-    a GPU; large tiles in the interpreter, which runs programs one by one in Python."""
-    if interpreting() if interpret is None else interpret:
-        return _pow2(N, 16, 128), _pow2(K, 16, 512), _pow2(D, 16, 256)
-    return (64 if N >= 64 else 16), (64 if K >= 64 else 16), (128 if D >= 128 else 64 if D >= 64 else 16)
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
 
 
 def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
@@ -216,16 +203,44 @@ def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
     return 2048 // bk, bk
 
 
-def bwd_blocks(N: int, K: int, D: int, interpret: bool | None = None) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_D) of the backward kernel."""
+def _mm_blocks(N_out: int, ieee: bool, interpret: bool | None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of a GEMM producing N_out columns: 128 x 128 x 128 tensor-core
+    tiles (8 warps; 64-deep steps cost 1.7x the issue slots by the cost model), 64 x 64 x 64 for
+    the IEEE fp32 product on the FMA units (4 warps, no spills); large tiles in the interpreter,
+    which runs programs one by one in Python."""
     if interpreting() if interpret is None else interpret:
-        return _pow2(N, 16, 512), _pow2(K, 16, 128), _pow2(D, 16, 256)
-    return (64 if N >= 64 else 16), (64 if K >= 64 else 16), (128 if D >= 128 else 64 if D >= 64 else 16)
+        return 128, _pow2(N_out, 16, 256), PAD
+    if ieee:
+        return 64, (64 if N_out >= 64 else 16), 64
+    return 128, (128 if N_out >= 128 else 64 if N_out >= 64 else 16), 128
 
 
-def warps(rows: int, cols: int) -> int:
-    """8 warps for accumulator tiles of 8k elements and more (64 x 128), else 4."""
-    return 8 if rows * cols >= 8192 else 4
+def fwd_blocks(N: int, K: int, D: int, interpret: bool | None = None, ieee: bool = False) -> tuple[int, int, int]:
+    """GEMM tiles of the forward ``h0 = P @ E`` (tokens x features x ids)."""
+    return _mm_blocks(D, ieee, interpret)
+
+
+def bwd_blocks(N: int, K: int, D: int, interpret: bool | None = None, ieee: bool = False) -> tuple[int, int, int]:
+    """GEMM tiles of the backward ``dE += P^T dh`` (ids x features x tokens)."""
+    return _mm_blocks(D, ieee, interpret)
+
+
+def _warps(bm: int, bn: int, ieee: bool) -> int:
+    """8 warps (two warpgroups) for the 128-row tensor-core tiles, 4 for the IEEE product's."""
+    return 4 if ieee or bm < 128 else 8
+
+
+def chunk_tokens(N: int, K: int, element_bytes: int) -> int:
+    """Tokens per chunk: P of a chunk, (tokens, K) padded to multiples of PAD, within 512 MiB."""
+    per_token = _round_up(K, PAD) * element_bytes
+    return max(PAD, min(_round_up(N, PAD), _CHUNK_BYTES // per_token // PAD * PAD))
+
+
+def _operand_dtype(dtype: torch.dtype, ieee: bool) -> torch.dtype:
+    """The dot's operand dtype: the embedding's when 16-bit, else bf16; fp32 for the IEEE product."""
+    if ieee:
+        return torch.float32
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _check(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, eps: torch.Tensor | None, K: int) -> int:
@@ -248,53 +263,98 @@ def relaxed_stats(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, K: int, 
     if N:
         bm, bk = blocks or stats_blocks(K)
         _re_stats_kernel[(triton.cdiv(N, bm),)](x0, at, st, eps if eps is not None else at, 0 if eps is None else
-                                               eps.stride(0), zt, norm, N, K, seed, 1.0 / tau, HAS_EPS=eps is not None,
-                                               BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+                                               eps.stride(0), zt, norm, N, K, seed, 1.4426950408889634 / tau,
+                                               HAS_EPS=eps is not None, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
     return zt, norm
+
+
+def probs(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torch.Tensor, K: int, tau: float, seed: int,
+          sparse: bool, row0: int, n_rows: int, out: torch.Tensor, flags: torch.Tensor,
+          eps: torch.Tensor | None = None) -> None:
+    """Fill ``out`` (>= n_rows rows padded to PAD, K padded to PAD columns) with the weights of
+    tokens ``row0 .. row0 + n_rows`` (zeros elsewhere) and, when sparse, ``flags``
+    (rows / FLAG_BLOCK, columns / FLAG_BLOCK) int8 with the non-empty tiles."""
+    N = x0.shape[0]
+    grid = (out.shape[0] // FLAG_BLOCK, out.shape[1] // FLAG_BLOCK)
+    _re_probs_kernel[grid](x0, at, st, eps if eps is not None else at, 0 if eps is None else eps.stride(0), norm, out,
+                           out.stride(0), flags, row0, n_rows, N, K, seed, 1.4426950408889634 / tau, sparse_delta(K),
+                           HAS_EPS=eps is not None, SPARSE=sparse, EMULATE=interpreting(), BLOCK_M=FLAG_BLOCK,
+                           BLOCK_K=FLAG_BLOCK, num_warps=4)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, M: int, K_steps: int, b_rows: int,
+        flags: torch.Tensor | None, flag_strides: tuple[int, int], flag_shape: tuple[int, int], accumulate: bool,
+        ieee: bool, blocks: tuple[int, int, int] | None) -> None:
+    N_out = c.shape[1]
+    bm, bn, bk = blocks or _mm_blocks(N_out, ieee, None)
+    grid = (triton.cdiv(N_out, bn), triton.cdiv(M, bm))
+    _mm_kernel[grid](a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c, c.stride(0), c.stride(1),
+                     flags if flags is not None else c, *flag_strides, *flag_shape, M, N_out, K_steps, b_rows,
+                     ACCUMULATE=accumulate, SKIP=flags is not None, IEEE=ieee, EMULATE=interpreting(),
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FB=FLAG_BLOCK, num_warps=_warps(bm, bn, ieee))
+
+
+def _buffers(N: int, K: int, dtype: torch.dtype, device: torch.device,
+             chunk: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    chunk = chunk or chunk_tokens(N, K, torch.finfo(dtype).bits // 8)
+    rows = min(_round_up(N, PAD), _round_up(chunk, PAD))
+    cols = _round_up(K, PAD)
+    return chunk, torch.empty((rows, cols), dtype=dtype, device=device), \
+        torch.empty((rows // FLAG_BLOCK, cols // FLAG_BLOCK), dtype=torch.int8, device=device)
 
 
 def relaxed_fwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, embedding: torch.Tensor, tau: float, seed: int,
                 sparse: bool, eps: torch.Tensor | None = None,
-                blocks: tuple[tuple[int, int, int], tuple[int, int]] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                blocks: tuple[tuple[int, int, int], tuple[int, int]] | None = None, ieee: bool = False,
+                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x0, at, st (N,); embedding (K, D) fp32/bf16/fp16 with unit stride along D; ``blocks``
-    overrides ((BLOCK_M, BLOCK_K, BLOCK_D), (stats BLOCK_M, stats BLOCK_K)).
+    overrides ((GEMM BLOCK_M, BLOCK_N, BLOCK_K), (stats BLOCK_M, BLOCK_K)); ``ieee``: fp32 weights
+    and an exact fp32 product (fp32 embeddings only); ``chunk``: tokens per chunk.
     Returns (h0 (N, D) in the embedding's dtype, zt (N,) int64, norm (2, N) float32)."""
     K, D = embedding.shape
     N = _check(x0, at, st, eps, K)
     if embedding.stride(1) != 1:
         raise ValueError("embedding needs unit stride along D")
-    emb = embedding
-    h0 = torch.empty((N, D), dtype=emb.dtype, device=x0.device)
-    if sparse:
-        zt, norm = relaxed_stats(x0, at, st, K, tau, seed, eps, None if blocks is None else blocks[1])
-    else:
-        zt = torch.empty(N, dtype=torch.int64, device=x0.device)
-        norm = torch.empty((2, N), dtype=torch.float32, device=x0.device)
-    if N:
-        bm, bk, bd = blocks[0] if blocks else fwd_blocks(N, K, D)
-        _re_fwd_kernel[(triton.cdiv(N, bm), triton.cdiv(D, bd))](
-            x0, at, st, emb, emb.stride(0), eps if eps is not None else at, 0 if eps is None else eps.stride(0), zt,
-            norm, h0, h0.stride(0), N, K, D, seed, 1.0 / tau, sparse_delta(K), HAS_EPS=eps is not None, SPARSE=sparse,
-            IEEE=emb.dtype == torch.float32, EMULATE=interpreting(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
-            num_warps=warps(bm, bd))
+    if ieee and embedding.dtype != torch.float32:
+        raise ValueError(f"the IEEE fp32 product needs an fp32 embedding, got {embedding.dtype}")
+    zt, norm = relaxed_stats(x0, at, st, K, tau, seed, eps, None if blocks is None else blocks[1])
+    h0 = torch.empty((N, D), dtype=embedding.dtype, device=x0.device)
+    if N == 0:
+        return h0, zt, norm
+    op_dtype = _operand_dtype(embedding.dtype, ieee)
+    chunk, buf, flags = _buffers(N, K, op_dtype, x0.device, chunk)
+    emb = embedding.to(op_dtype)            # fp32 -> bf16 once (K x D), as each tile would round it
+    for r0 in range(0, N, chunk):
+        n = min(chunk, N - r0)
+        probs(x0, at, st, norm, K, tau, seed, sparse, r0, n, buf, flags, eps)
+        _mm(buf, emb, h0[r0:r0 + n], n, buf.shape[1], K, flags if sparse else None, (flags.stride(0), 1),
+            tuple(flags.shape), False, ieee, None if blocks is None else blocks[0])
     return h0, zt, norm
 
 
 def relaxed_bwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torch.Tensor, dh: torch.Tensor, K: int,
                 tau: float, seed: int, sparse: bool, eps: torch.Tensor | None = None,
-                blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """d embedding (K, D) float32 = softmax(w / tau)^T dh, the noise regenerated from ``seed``."""
+                blocks: tuple[int, int, int] | None = None, ieee: bool = False,
+                chunk: int | None = None) -> torch.Tensor:
+    """d embedding (K, D) float32 = softmax(w / tau)^T dh, the weights regenerated from ``seed``
+    and ``norm`` chunk by chunk and accumulated in fp32."""
     N = _check(x0, at, st, eps, K)
     D = dh.shape[1]
     if dh.shape != (N, D) or dh.stride(1) != 1:
         raise ValueError(f"dh must be ({N}, D) with unit stride along D")
+    if ieee and dh.dtype != torch.float32:
+        raise ValueError(f"the IEEE fp32 product needs an fp32 gradient, got {dh.dtype}")
     de = torch.zeros((K, D), dtype=torch.float32, device=dh.device)
-    if N:
-        bm, bk, bd = blocks or bwd_blocks(N, K, D)
-        _re_bwd_kernel[(triton.cdiv(K, bk), triton.cdiv(D, bd))](
-            x0, at, st, eps if eps is not None else at, 0 if eps is None else eps.stride(0), norm, dh, dh.stride(0), de,
-            de.stride(0), N, K, D, seed, 1.0 / tau, sparse_delta(K), HAS_EPS=eps is not None, SPARSE=sparse,
-            IEEE=dh.dtype == torch.float32, EMULATE=interpreting(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
-            num_warps=warps(bk, bd))
+    if N == 0:
+        return de
+    op_dtype = _operand_dtype(dh.dtype, ieee)
+    chunk, buf, flags = _buffers(N, K, op_dtype, dh.device, chunk)
+    dh_op = dh.to(op_dtype)                 # fp32 -> bf16 once (N x D)
+    for r0 in range(0, N, chunk):
+        n = min(chunk, N - r0)
+        probs(x0, at, st, norm, K, tau, seed, sparse, r0, n, buf, flags, eps)
+        rows = _round_up(n, PAD)
+        # a = P^T: (ids, tokens) through the strides; the flags are read transposed the same way
+        _mm(buf.t(), dh_op[r0:r0 + n], de, K, rows, n, flags if sparse else None, (1, flags.stride(0)),
+            (flags.shape[1], flags.shape[0]), True, ieee, blocks)
     return de

@@ -12,19 +12,10 @@ import sys
 
 import pytest
 
-# Hot-loop spills (LDL + STL in the kernel's loops) known today at the production configurations,
-# by (operator, parameter dtype, kernel). The kernel issue removes them; a count may only go down,
-# and a kernel that reaches 0 must leave this table.
-KNOWN_HOT_SPILLS = {
-    ("curriculum relaxation fwd+bwd (dense)", "bf16", "_re_fwd_kernel"): 80,
-    ("curriculum relaxation fwd+bwd (dense)", "bf16", "_re_bwd_kernel"): 80,
-    ("curriculum relaxation fwd+bwd (sparse)", "bf16", "_re_fwd_kernel"): 80,
-    ("curriculum relaxation fwd+bwd (sparse)", "bf16", "_re_bwd_kernel"): 80,
-    ("curriculum relaxation fwd+bwd (dense)", "fp32", "_re_fwd_kernel"): 80,
-    ("curriculum relaxation fwd+bwd (dense)", "fp32", "_re_bwd_kernel"): 80,
-    ("curriculum relaxation fwd+bwd (sparse)", "fp32", "_re_fwd_kernel"): 961,
-    ("curriculum relaxation fwd+bwd (sparse)", "fp32", "_re_bwd_kernel"): 610,
-}
+# Hot-loop spills (LDL + STL in the kernel's loops) known at the production configurations, by
+# (operator, parameter dtype, kernel): none remain. A kernel may only be listed with a count that
+# shrinks, and must leave the table when it reaches 0.
+KNOWN_HOT_SPILLS: dict[tuple[str, str, str], int] = {}
 
 
 def _env() -> dict[str, str]:
@@ -50,7 +41,7 @@ def test_every_module_and_sane_figures(report):
             assert s["estimate_ms"] >= 0 and s["hbm_bytes"] >= 0
             if s["kind"] == "triton":
                 assert 0 < s["registers"] <= 255 and s["warps_per_sm"] > 0 and s["waves"] >= 1
-                assert s["estimate_ms"] == pytest.approx(max(s["issue_ms"], s["hbm_ms"], s["tensor_ms"]))
+                assert s["estimate_ms"] == pytest.approx(max(s["issue_ms"], s["hbm_ms"], s["tensor_ms"], s["mufu_ms"]))
                 assert s["instructions_per_element"] is None or s["instructions_per_element"] > 0
     steps = {(w["step"], w["path"]) for w in report["whole_step"]}
     for name in ("training micro-step, curriculum", "training micro-step, discrete", "sampling step"):
@@ -122,4 +113,4 @@ print("specialisations equal:", n)
 '''
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "specialisations equal: 5" in proc.stdout
+    assert "specialisations equal: 6" in proc.stdout

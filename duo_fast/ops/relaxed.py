@@ -141,12 +141,12 @@ class _RelaxedTorch(torch.autograd.Function):
 class _RelaxedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0: Tensor, at: Tensor, st: Tensor, embedding: Tensor, tau: float, seed: int,
-                eps: Tensor | None, sparse: bool) -> tuple[Tensor, Tensor]:
+                eps: Tensor | None, sparse: bool, ieee: bool) -> tuple[Tensor, Tensor]:
         from ..kernels.relaxed_embedding import relaxed_fwd
 
-        h0, zt, norm = relaxed_fwd(x0, at, st, embedding.contiguous(), tau, seed, sparse, eps)
+        h0, zt, norm = relaxed_fwd(x0, at, st, embedding.contiguous(), tau, seed, sparse, eps, ieee=ieee)
         ctx.save_for_backward(x0, at, st, norm, eps)
-        ctx.meta = (embedding.shape[0], tau, seed, sparse, embedding.dtype)
+        ctx.meta = (embedding.shape[0], tau, seed, sparse, embedding.dtype, ieee)
         ctx.mark_non_differentiable(zt)
         return h0, zt
 
@@ -155,9 +155,9 @@ class _RelaxedTriton(torch.autograd.Function):
         from ..kernels.relaxed_embedding import relaxed_bwd
 
         x0, at, st, norm, eps = ctx.saved_tensors
-        K, tau, seed, sparse, dtype = ctx.meta
-        de = relaxed_bwd(x0, at, st, norm, dh.contiguous(), K, tau, seed, sparse, eps)
-        return None, None, None, de.to(dtype), None, None, None, None
+        K, tau, seed, sparse, dtype, ieee = ctx.meta
+        de = relaxed_bwd(x0, at, st, norm, dh.contiguous(), K, tau, seed, sparse, eps, ieee=ieee)
+        return None, None, None, de.to(dtype), None, None, None, None, None
 
 
 def _default_chunk(K: int) -> int:
@@ -200,7 +200,7 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
                       mode: str = "sparse", k: int = 2, generator: torch.Generator | None = None,
                       eps: Tensor | None = None, impl: str = "auto",
                       chunk_tokens: int | None = None, tol: float = ADAPTIVE_TOL, k_max: int = ADAPTIVE_K_MAX,
-                      stats: dict | None = None) -> tuple[Tensor, Tensor]:
+                      stats: dict | None = None, ieee: bool = False) -> tuple[Tensor, Tensor]:
     """Relaxed input embedding of the curriculum (section 5).
 
     x0: (B, L) int64 in [0, K); gamma: scalar, (B,) or (B, L) (``at = sqrt(sigmoid(-gamma))``,
@@ -210,7 +210,10 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
     ``adaptive`` mode's bound on the weight of the rows not drawn (relative to the largest kept
     weight) and its cap on rows per token; with ``stats`` (a dict) it stores device tensors
     ``bound_max`` (largest bound achieved), ``k_mean``, ``k_max`` and ``capped`` (fraction of
-    tokens that reached ``k_max`` above ``tol``; no host read).
+    tokens that reached ``k_max`` above ``tol``; no host read). ``ieee``: the Triton dense/sparse
+    path multiplies an fp32 embedding in exact fp32 (the FMA units) instead of bf16 tensor cores
+    with fp32 accumulation (its default whatever the embedding's dtype); the PyTorch path always
+    computes in the embedding's dtype.
     Returns ``h0`` (B, L, D) in the embedding's dtype (differentiable w.r.t. ``embedding``) and
     ``zt = argmax w`` (B, L) int64.
     """
@@ -264,7 +267,9 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
     flat_x = x0.reshape(-1).contiguous()
     flat_eps = None if eps is None else eps.reshape(B * L, K).float().contiguous()
     if use_triton(embedding, impl):
-        h0, zt = _RelaxedTriton.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps, mode == "sparse")
+        if ieee and embedding.dtype != torch.float32:
+            raise ValueError(f"ieee=True needs an fp32 embedding, got {embedding.dtype}")
+        h0, zt = _RelaxedTriton.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps, mode == "sparse", ieee)
     else:
         threshold = 0.0 if mode == "dense" else 1e-6 / K
         h0, zt = _RelaxedTorch.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps,
