@@ -269,14 +269,17 @@ def occupancy(registers: int, warps: int, shared: int) -> dict[str, int]:
 
 
 def estimate_launch(sass: dict[str, Any], warps: int, shared: int, grid: tuple[int, ...], trips: list[int],
-                    flops: float, hbm_bytes: float, skip_fraction: float = 0.0) -> dict[str, Any]:
+                    flops: float, hbm_bytes: float, skip_fraction: float = 0.0,
+                    loop_weights: list[float] | None = None) -> dict[str, Any]:
     """``trips[d]``: iterations of a depth-``d`` loop per enclosing iteration; ``skip_fraction``:
-    share of innermost iterations whose skippable region is not executed (sparse kernels)."""
+    share of innermost iterations whose skippable region is not executed (sparse kernels);
+    ``loop_weights[i]``: share of programs that run loop ``i`` (in SASS order) at all, for loops
+    in mutually exclusive branches (default 1 each: every loop runs)."""
     per_warp = float(sass["straight_instructions"])
     mufu_per_warp = float(sass.get("straight_mufu", 0))
-    for lp in sass["loops"]:
+    for i, lp in enumerate(sass["loops"]):
         # loops deeper than the kernel's own (barrier/mbarrier wait loops of a few instructions) count once
-        n = math.prod(trips[:min(lp["depth"], len(trips) - 1) + 1])
+        n = math.prod(trips[:min(lp["depth"], len(trips) - 1) + 1]) * (loop_weights[i] if loop_weights else 1.0)
         body = lp["instructions"] - (skip_fraction * lp["skippable"] if lp["innermost"] else 0.0)
         per_warp += n * body
         mufu_per_warp += n * lp.get("mufu", 0)           # never discounted for skipped regions: conservative
@@ -337,12 +340,14 @@ def _triton_step(name: str, call: Callable[[], Any], model: Callable[[Launch], d
             compiled[key] = (comp, analyse_sass(comp["cubin"]))
         comp, sass = compiled[key]
         m = model(launch)
+        weights = m["loop_weights"](sass["loops"]) if "loop_weights" in m else None
         est = estimate_launch(sass, comp["num_warps"], comp["shared_bytes"], launch.grid, m["trips"], m["flops"],
-                              m["hbm_bytes"], m.get("skip_fraction", 0.0))
+                              m["hbm_bytes"], m.get("skip_fraction", 0.0), weights)
         elems = m.get("elements_per_iteration")
-        # SASS instructions per element of the main (outermost) loop's tile, nested loops expanded
+        # SASS instructions per element of the main (outermost) loop's tile, nested loops expanded,
+        # loops of exclusive branches by the share of programs that run them
         main_iter = sum(lp["instructions"] * math.prod(m["trips"][1:min(lp["depth"], len(m["trips"]) - 1) + 1])
-                        for lp in sass["loops"])
+                        * (weights[i] if weights else 1.0) for i, lp in enumerate(sass["loops"]))
         out.append({"step": f"{name}: {launch.kernel}", "kind": "triton", "kernel": launch.kernel,
                     "config": {k: v for k, v in comp["constexprs"].items() if k.isupper()}, "grid": launch.grid,
                     "num_warps": comp["num_warps"], "registers": sass["registers"], "stack_bytes": sass["stack_bytes"],
@@ -491,15 +496,25 @@ def _rb_loss_linear(dtype_name: str, arch: int) -> dict[str, Any]:
     stats, coefs = _meta(9, chunk, dtype=torch.float32), _meta(5, chunk, dtype=torch.float32)
     n_chunks = math.ceil(N / chunk)
 
+    rem_share = 1.0 / (K + 1)        # P(a <= 1/(K + 1)) for a uniform in (0, 1): the blocks that need rem
+
+    def stats_weights(loops: list[dict[str, Any]]) -> list[float]:
+        """The first loop is the log-sum-exp pass; of the two second-pass loops (one per branch),
+        the larger is the one with the rem term (run by blocks with a row whose beta <= 1)."""
+        if len(loops) != 3:
+            return [1.0] * len(loops)
+        rem = 1 if loops[1]["instructions"] >= loops[2]["instructions"] else 2
+        return [1.0] + [rem_share if i == rem else 1.0 - rem_share for i in (1, 2)]
+
     def stats_model(launch: Launch) -> dict[str, Any]:
         bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
         resident = H100["sms"] * 2 * bm * K_pad * es             # rows of the programs in flight (2 CTAs/SM)
         passes = 1 if resident <= H100["l2_bytes"] / 2 else 2
         return {"trips": [math.ceil(K_pad / bk)], "flops": 0.0, "hbm_bytes": passes * chunk * K_pad * es,
-                "elements_per_iteration": bm * bk,
+                "elements_per_iteration": bm * bk, "loop_weights": stats_weights,
                 "assumption": f"two passes over each row; the second from L2 ({resident / 2**20:.0f} MB of rows in "
-                              f"flight), so {passes} from HBM; of the two second-pass loops (with/without the "
-                              f"beta <= 1 term) only one runs, both are counted"}
+                              f"flight), so {passes} from HBM; of the two second-pass loops only one runs per block: "
+                              f"the one with the beta <= 1 term in a share 1/(K + 1) of the blocks (a uniform)"}
 
     def grad_model(launch: Launch) -> dict[str, Any]:
         bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
