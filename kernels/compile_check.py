@@ -103,6 +103,7 @@ def _rb_loss_calls() -> list[tuple[str, Callable[[], Any]]]:
     chunk of the production shape (the op's GPU chunk of GPT-2 logits) and at small vocabularies."""
     import torch
 
+    from . import gemm
     from . import rb_loss as rb
 
     out = []
@@ -117,11 +118,30 @@ def _rb_loss_calls() -> list[tuple[str, Callable[[], Any]]]:
             return rb.rb_stats(logits, z, z, beta)
         return run
 
+    def linear_call(N: int, K: int, D: int, dt: str, what: str) -> Callable[[], Any]:
+        def run() -> Any:
+            h, w, b = _meta(N, D, dtype=_dtype(dt)), _meta(K, D, dtype=_dtype(dt)), _meta(K, dtype=_dtype(dt))
+            Kp = rb.padded_vocab(K)
+            if what == "logits":
+                return rb.rb_logits_linear(h, w, b)
+            if what == "grad":
+                z, beta = _meta(N, dtype=torch.int64), _meta(N, dtype=torch.float32)
+                return rb.rb_grad_linear(h, w, b, z, z, beta, _meta(9, N, dtype=torch.float32),
+                                         _meta(5, N, dtype=torch.float32))
+            return gemm.matmul(_meta(N, Kp, dtype=_dtype(dt)).t(), h, _meta(K, D, dtype=torch.float32), True,
+                               ieee=dt == "fp32")
+        return run
+
     for K in sorted({2**i for i in range(1, 17)} | {50257}):
         for dt in ("fp32", "bf16", "fp16"):
-            N = 2670 if K == 50257 else 1000
+            N = 2560 if K == 50257 else 1000
             out.append((f"stats {dt} K={K}", call(N, K, dt, False)))
             out.append((f"grad {dt} K={K}", call(N, K, dt, True)))
+    # the fused-projection path of rb_loss_linear: logits, logits + gradient, dW += dlogits^T h
+    for dt in ("fp32", "bf16", "fp16"):
+        for N, K, D in ((2560, 50257, 768), (1024, 50257, 768), (100, 300, 70), (37, 20, 20)):
+            for what in ("logits", "grad", "dW"):
+                out.append((f"linear {what} {dt} N={N} K={K} D={D}", linear_call(N, K, D, dt, what)))
     return out
 
 
@@ -180,7 +200,33 @@ def _relaxed_topk_calls() -> list[tuple[str, Callable[[], Any]]]:
             for k in (1, 2, 8, 19, 32, 64)]
 
 
-_CALLS = {"sample_posterior": _sample_posterior_calls, "rb_loss": _rb_loss_calls,
+def _gemm_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """kernels/gemm.py on its own: every operand dtype, with and without accumulation, skip flags
+    and a ragged K, at its users' production shapes and small ones."""
+    import torch
+
+    from . import gemm
+
+    out = []
+
+    def call(M: int, N_out: int, K: int, dt: str, accumulate: bool, flags: bool, transposed: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            a = _meta(K, M, dtype=_dtype(dt)).t() if transposed else _meta(M, K, dtype=_dtype(dt))
+            c = _meta(M, N_out, dtype=torch.float32 if accumulate else _dtype(dt))
+            f = _meta(-(-M // gemm.FLAG_BLOCK), -(-K // gemm.FLAG_BLOCK), dtype=torch.int8) if flags else None
+            return gemm.matmul(a, _meta(K, N_out, dtype=_dtype(dt)), c, accumulate, ieee=dt == "fp32", flags=f)
+        return run
+
+    for dt in ("bf16", "fp16", "fp32"):
+        for M, N_out, K in ((16384, 768, 50304), (50304, 768, 2560), (100, 70, 300), (37, 20, 50)):
+            for accumulate in (False, True):
+                for flags in (False, True):
+                    out.append((f"mm {dt} M={M} N={N_out} K={K} acc={int(accumulate)} skip={int(flags)}",
+                                call(M, N_out, K, dt, accumulate, flags, accumulate)))
+    return out
+
+
+_CALLS = {"gemm": _gemm_calls, "sample_posterior": _sample_posterior_calls, "rb_loss": _rb_loss_calls,
           "relaxed_embedding": _relaxed_calls, "relaxed_topk": _relaxed_topk_calls}
 
 

@@ -484,18 +484,15 @@ def _rb_loss_linear(dtype_name: str, arch: int) -> dict[str, Any]:
     fp32 parameters add the weight cast."""
     import torch
 
+    from . import gemm
     from . import rb_loss as rb
 
     N, K, D = SHAPES["N_train"], SHAPES["K"], SHAPES["D"]
     dt, es = torch.bfloat16, 2
-    chunk = max(16, (256 << 20) // (K * es))                 # duo_fast.ops.rb_loss.default_chunk_tokens on GPU
-    K_pad = -(-K // 64) * 64                                  # ops.rb_loss._padded_projection: aligned rows
-    logits = _meta(chunk, K_pad, dtype=dt)
-    zt = _meta(chunk, dtype=torch.int64)
-    beta = _meta(chunk, dtype=torch.float32)
-    stats, coefs = _meta(9, chunk, dtype=torch.float32), _meta(5, chunk, dtype=torch.float32)
-    n_chunks = math.ceil(N / chunk)
-
+    full = max(128, (256 << 20) // (K * es) // 128 * 128)    # duo_fast.ops.rb_loss.default_chunk_tokens on GPU
+    K_pad = rb.padded_vocab(K)                                # the logits/gradient chunks' columns
+    # the chunks of N tokens: each distinct size is compiled and estimated, then counted
+    sizes = {full: N // full, **({N % full: 1} if N % full else {})}
     rem_share = 1.0 / (K + 1)        # P(a <= 1/(K + 1)) for a uniform in (0, 1): the blocks that need rem
 
     def stats_weights(loops: list[dict[str, Any]]) -> list[float]:
@@ -506,30 +503,61 @@ def _rb_loss_linear(dtype_name: str, arch: int) -> dict[str, Any]:
         rem = 1 if loops[1]["instructions"] >= loops[2]["instructions"] else 2
         return [1.0] + [rem_share if i == rem else 1.0 - rem_share for i in (1, 2)]
 
-    def stats_model(launch: Launch) -> dict[str, Any]:
-        bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
-        resident = H100["sms"] * 2 * bm * K_pad * es             # rows of the programs in flight (2 CTAs/SM)
-        passes = 1 if resident <= H100["l2_bytes"] / 2 else 2
-        return {"trips": [math.ceil(K_pad / bk)], "flops": 0.0, "hbm_bytes": passes * chunk * K_pad * es,
-                "elements_per_iteration": bm * bk, "loop_weights": stats_weights,
-                "assumption": f"two passes over each row; the second from L2 ({resident / 2**20:.0f} MB of rows in "
-                              f"flight), so {passes} from HBM; of the two second-pass loops only one runs per block: "
-                              f"the one with the beta <= 1 term in a share 1/(K + 1) of the blocks (a uniform)"}
-
-    def grad_model(launch: Launch) -> dict[str, Any]:
-        bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
-        return {"trips": [1], "flops": 0.0, "hbm_bytes": 2 * chunk * K_pad * es, "elements_per_iteration": bm * bk}
-
+    W, bias = _meta(K, D, dtype=dt), _meta(K, dtype=dt)
     steps = [_pass("weight cast fp32 -> bf16", K * D, 4 + 2)] if dtype_name == "fp32" else []
-    steps.append(_gemm(f"forward logits ({n_chunks} chunks)", N, K, D, es, es))
-    for s in _triton_step("RB stats", lambda: rb.rb_stats(logits, zt, zt, beta), stats_model, arch):
-        steps.append(_scale(s, n_chunks))
-    steps.append(_gemm("backward: logits again", N, K, D, es, es))
-    for s in _triton_step("RB gradient", lambda: rb.rb_grad(logits, zt, zt, beta, stats, coefs, out=logits),
-                          grad_model, arch):
-        steps.append(_scale(s, n_chunks))
-    steps += [_gemm("dh = dlogits W", N, D, K, es, es), _gemm("dW = dlogits^T h", K, D, N, es, es)]
-    steps += [_pass("dW chunk to fp32 and accumulate", K * D * n_chunks, 2 + 4 + 4 + 4)]
+    def chunk_steps(chunk: int, count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(forward steps, backward steps) of ``count`` chunks of ``chunk`` tokens."""
+        forward, backward = [], []
+        logits = _meta(chunk, K_pad, dtype=dt)
+        zt = _meta(chunk, dtype=torch.int64)
+        beta = _meta(chunk, dtype=torch.float32)
+        stats, coefs = _meta(9, chunk, dtype=torch.float32), _meta(5, chunk, dtype=torch.float32)
+        hc, dw = _meta(chunk, D, dtype=dt), _meta(K, D, dtype=torch.float32)
+        tag = f"{chunk}-token chunk"
+
+        def stats_model(launch: Launch, chunk: int = chunk) -> dict[str, Any]:
+            bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
+            resident = H100["sms"] * 2 * bm * K_pad * es             # rows of the programs in flight (2 CTAs/SM)
+            passes = 1 if resident <= H100["l2_bytes"] / 2 else 2
+            return {"trips": [math.ceil(K_pad / bk)], "flops": 0.0, "hbm_bytes": passes * chunk * K_pad * es,
+                    "elements_per_iteration": bm * bk, "loop_weights": stats_weights,
+                    "assumption": f"two passes over each row; the second from L2 ({resident / 2**20:.0f} MB of rows "
+                                  f"in flight), so {passes} from HBM; of the two second-pass loops only one runs per "
+                                  f"block: the one with the beta <= 1 term in a share 1/(K + 1) of the blocks"}
+
+        def linear_model(launch: Launch, chunk: int = chunk) -> dict[str, Any]:
+            """The logits kernel and the fused logits + gradient kernel: a GEMM over D per tile; the
+            row blocks of a vocabulary tile run side by side, so W is read from HBM once per chunk and
+            the chunk's h (4 MB) stays in L2; the chunk's logits (or gradient) are written once."""
+            bm, bk, bd = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"], launch.kwargs["BLOCK_D"]
+            return {"trips": [math.ceil(D / bd)], "flops": 2.0 * chunk * K_pad * D, "has_dot": True,
+                    "hbm_bytes": chunk * D * es + K_pad * D * es + chunk * K_pad * es, "elements_per_iteration": bm * bk}
+
+        def dw_model(launch: Launch, chunk: int = chunk) -> dict[str, Any]:
+            bm, bn, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"], launch.kwargs["BLOCK_K"]
+            return {"trips": [math.ceil(chunk / bk)], "flops": 2.0 * K_pad * D * chunk, "has_dot": True,
+                    "hbm_bytes": chunk * K_pad * es + chunk * D * es + 2 * K * D * 4, "elements_per_iteration": bm * bn}
+
+        for s in _triton_step(f"forward logits, h W^T + b in bf16 ({tag})",
+                              lambda: rb.rb_logits_linear(hc, W, bias, out=logits), linear_model, arch):
+            forward.append(_scale(s, count))
+        for s in _triton_step(f"RB stats ({tag})", lambda: rb.rb_stats(logits, zt, zt, beta), stats_model, arch):
+            forward.append(_scale(s, count))
+        for s in _triton_step(f"backward: logits recomputed in registers + gradient ({tag})",
+                              lambda: rb.rb_grad_linear(hc, W, bias, zt, zt, beta, stats, coefs, out=logits),
+                              linear_model, arch):
+            backward.append(_scale(s, count))
+        for s in _triton_step(f"dW += dlogits^T h, fp32 ({tag})", lambda: gemm.matmul(logits.t(), hc, dw, True),
+                              dw_model, arch):
+            backward.append(_scale(s, count))
+        return forward, backward
+
+    backward = []
+    for chunk, count in sizes.items():
+        fwd, bwd = chunk_steps(chunk, count)
+        steps += fwd
+        backward += bwd
+    steps += backward + [_gemm("dh = dlogits W", N, D, K, es, es)]
     # the GEMM floor of the fused design: forward logits, their recomputation, dh and dW
     floor = 4 * 2.0 * N * K * D / H100["bf16_flops"] * 1e3
     nk = N * K
@@ -545,10 +573,11 @@ def _rb_loss_linear(dtype_name: str, arch: int) -> dict[str, Any]:
 
 def _scale(step: dict[str, Any], n: int) -> dict[str, Any]:
     s = dict(step)
-    for k in ("estimate_ms", "issue_ms", "hbm_ms", "tensor_ms", "flops", "hbm_bytes", "warp_instructions"):
+    for k in ("estimate_ms", "issue_ms", "hbm_ms", "tensor_ms", "mufu_ms", "flops", "hbm_bytes", "warp_instructions"):
         if k in s:
             s[k] = s[k] * n
-    s["step"] = f"{s['step']} (x{n} chunks)"
+    if n != 1:
+        s["step"] = f"{s['step']} (x{n})"
     return s
 
 
@@ -584,7 +613,7 @@ def _relaxed(dtype_name: str, sparse: bool, arch: int) -> dict[str, Any]:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         m, n_out, k_steps = launch.args[14], launch.args[15], launch.args[16]
         a_bytes = m * k_steps * p_bytes                     # the column tiles of a row block share it through L2
-        if launch.args[17] == K:                            # forward: b = E, re-read once per wave
+        if launch.args[18] == K:                            # forward: b = E (b_rows = K), re-read once per wave
             waves = math.ceil(math.prod(launch.grid) / H100["sms"])
             b_bytes, c_bytes = K * D * p_bytes * waves, m * n_out * es
         else:                                               # backward: b = dh of the chunk (in L2), c = dE fp32 (+=)

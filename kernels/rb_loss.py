@@ -35,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting
+from ._common import cast, interpreting, mma
 
-__all__ = ["rb_stats", "rb_grad", "stats_blocks", "grad_blocks", "NUM_STATS"]
+__all__ = ["rb_stats", "rb_grad", "rb_logits_linear", "rb_grad_linear", "stats_blocks", "grad_blocks",
+           "linear_blocks", "padded_vocab", "NUM_STATS"]
 
 NUM_STATS = 9
 
@@ -45,7 +46,9 @@ NUM_STATS = 9
 @triton.jit
 def _log1p_r(x, u, r):
     """log(1 + x) for x >= 0 from ``u = 1 + x`` (rounded) and ``r ~ 1/u``: ``log(u)`` plus the
-    first-order correction ``(x - (u - 1)) / u`` for the rounding of ``u`` (a few ulps)."""
+    first-order correction ``(x - (u - 1)) / u`` for the rounding of ``u`` (a few ulps). The log is
+    libdevice's accurate one: the one-instruction ``lg2.approx`` is off by up to 2^-22 absolute
+    near 1, which summed over the vocabulary's terms would bias the sum."""
     return tl.log(u) + (x - (u - 1.0)) * r
 
 
@@ -128,13 +131,9 @@ def _rb_stats_kernel(logits_ptr, stride_n, zt_ptr, x0_ptr, beta_ptr, stats_ptr, 
 
 
 @triton.jit
-def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr, N, K,
-                    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask = rows < N
-    cmask = cols < K
-    mask = rmask[:, None] & cmask[None, :]
+def _grad_tile(raw, rows, cols, rmask, N, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr):
+    """d loss / d logit of a (rows, cols) tile of float32 logits from the per-row statistics and
+    coefficients."""
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0).to(tl.int32)
     x0 = tl.load(x0_ptr + rows, mask=rmask, other=0).to(tl.int32)
     beta = tl.load(beta_ptr + rows, mask=rmask, other=0.0)
@@ -146,8 +145,7 @@ def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, b
     cx = tl.load(coef_ptr + 2 * N + rows, mask=rmask, other=0.0)
     ce_c = tl.load(coef_ptr + 3 * N + rows, mask=rmask, other=0.0)       # ce (1 - p_i)
     cx_c = tl.load(coef_ptr + 4 * N + rows, mask=rmask, other=0.0)       # cx (1 - p_x)
-    raw = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
-    p = tl.exp(raw.to(tl.float32) - lse[:, None])
+    p = tl.exp(raw - lse[:, None])
     x = beta[:, None] * p
     r = tl.fdiv(1.0, 1.0 + x, ieee_rounding=False)
     d = tl.where(r >= 0.5, bt2[:, None] - x * r, r - q[:, None])
@@ -156,6 +154,74 @@ def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, b
     is_x = (cols[None, :] == x0[:, None]) & (zt != x0)[:, None]
     g += tl.where(is_i, ce_c[:, None] - p * cx[:, None],
                   tl.where(is_x, cx_c[:, None] - p * ce[:, None], -p * (ce + cx)[:, None]))
+    return g
+
+
+@triton.jit
+def _logits_tile(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, rows, cols, N, K, D, out_dtype: tl.constexpr,
+                 IEEE: tl.constexpr, EMULATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``h[rows] @ W[cols]^T + b[cols]`` with fp32 accumulation, rounded to ``out_dtype`` as the
+    stored logits are, returned in fp32: the forward and the backward compute each logit with the
+    same code and block sizes, hence the same bits. Ids past K read W's last row and get the logit
+    -inf (p = 0: they add nothing to any sum, and their gradient is 0); rows past N read the last
+    row of h and are never stored. No copy of W is padded, and no load has a mask along D when
+    BLOCK_D divides it."""
+    h_rows = h_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_hn
+    w_rows = w_ptr + tl.minimum(cols, K - 1).to(tl.int64)[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            hb = tl.load(h_rows + dd[None, :])
+            wb = tl.load(w_rows + dd[None, :])
+        else:
+            hb = tl.load(h_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
+            wb = tl.load(w_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
+        acc = mma(hb, tl.trans(wb), acc, IEEE, EMULATE)
+    acc += tl.load(b_ptr + cols, mask=cols < K, other=float("-inf")).to(tl.float32)[None, :]
+    return cast(acc, out_dtype, EMULATE).to(tl.float32)
+
+
+@triton.jit
+def _rb_logits_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, out_ptr, stride_on, N, K, D,
+                      IEEE: tl.constexpr, EMULATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward's logits chunk (N, K padded to the tile grid) = h @ W^T + b by :func:`_logits_tile`."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)       # the row blocks of a vocabulary tile side by
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)       # side: W is read from HBM once per chunk
+    logit = _logits_tile(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, rows, cols, N, K, D, out_ptr.dtype.element_ty, IEEE,
+                         EMULATE, EVEN_D, BLOCK_M, BLOCK_K, BLOCK_D)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :],
+             logit.to(out_ptr.dtype.element_ty), mask=(rows < N)[:, None])
+
+
+@triton.jit
+def _rb_grad_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, grad_ptr, stride_gn, zt_ptr, x0_ptr, beta_ptr,
+                           stats_ptr, coef_ptr, N, K, D, IEEE: tl.constexpr, EMULATE: tl.constexpr, EVEN_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d loss / d logits of the chunk, the logits recomputed tile by tile in registers (the same
+    bits as the forward's, :func:`_logits_tile`) and never stored."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < N
+    logit = _logits_tile(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, rows, cols, N, K, D, grad_ptr.dtype.element_ty, IEEE,
+                         EMULATE, EVEN_D, BLOCK_M, BLOCK_K, BLOCK_D)
+    g = _grad_tile(logit, rows, cols, rmask, N, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr)
+    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :], cast(g, grad_ptr.dtype.element_ty, EMULATE),
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _rb_grad_kernel(logits_ptr, stride_n, grad_ptr, stride_gn, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr, N, K,
+                    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < N
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    raw = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
+    g = _grad_tile(raw.to(tl.float32), rows, cols, rmask, N, zt_ptr, x0_ptr, beta_ptr, stats_ptr, coef_ptr)
     tl.store(grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :], cast(g, grad_ptr.dtype.element_ty, EMULATE),
              mask=mask)
 
@@ -234,4 +300,80 @@ def rb_grad(logits: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor, beta: torc
     _rb_grad_kernel[(triton.cdiv(N, bm), triton.cdiv(K, bk))](logits, logits.stride(0), out, out.stride(0), zt, x0,
                                                               beta, stats, coefs, N, K, EMULATE=interpreting(),
                                                               BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+def linear_blocks(D: int, ieee: bool, interpret: bool | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M tokens, BLOCK_K vocabulary ids, BLOCK_D) of the logits and fused-gradient
+    kernels: 128 x 128 tiles stepping 128 along D on tensor cores (8 warps; by the cost model the
+    fused gradient's epilogue costs 1.4x the issue slots at 128 x 64 and 64-wide steps add 5%, and
+    no tile spills), 64 x 64 tiles with 32-wide steps for the IEEE fp32 product; large tiles in the
+    interpreter. BLOCK_K divides the padded vocabulary (a multiple of 128)."""
+    if _interpret(interpret):
+        return 128, 128, min(128, triton.next_power_of_2(max(D, 16)))
+    if ieee:
+        return 64, 64, 32 if D >= 32 else 16
+    return 128, 128, 128 if D >= 128 else 64 if D >= 64 else 16
+
+
+def _check_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[int, int, int]:
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or h.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"need h (N, D) and weight (K, D) with unit stride along D, got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if h.dtype != weight.dtype or bias.shape != (weight.shape[0],) or not bias.is_contiguous():
+        raise ValueError("h and weight must share a dtype, and bias be contiguous (K,)")
+    return h.shape[0], weight.shape[0], h.shape[1]
+
+
+def padded_vocab(K: int) -> int:
+    """Columns of the logits and gradient chunks of the fused kernels: K rounded up to 128 (every
+    tile width divides it; rows stay aligned for vector loads)."""
+    return -(-K // 128) * 128
+
+
+def _out(h: torch.Tensor, K: int, out: torch.Tensor | None) -> torch.Tensor:
+    N, Kp = h.shape[0], padded_vocab(K)
+    if out is None:
+        return torch.empty((N, Kp), dtype=h.dtype, device=h.device)
+    if out.shape != (N, Kp) or out.stride(1) != 1 or out.dtype != h.dtype:
+        raise ValueError(f"out must be ({N}, {Kp}) {h.dtype} with unit stride along the vocabulary")
+    return out
+
+
+def rb_logits_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None,
+                     blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """logits (N, padded_vocab(K)) = h @ weight^T + bias in h's dtype (fp32 accumulation), -inf in the
+    padded columns: what :func:`rb_grad_linear` recomputes, bit for bit."""
+    N, K, D = _check_linear(h, weight, bias)
+    out = _out(h, K, out)
+    if N == 0:
+        return out
+    ieee = h.dtype == torch.float32
+    bm, bk, bd = blocks or linear_blocks(D, ieee)
+    _rb_logits_kernel[(triton.cdiv(N, bm), out.shape[1] // bk)](
+        h, h.stride(0), weight, weight.stride(0), bias, out, out.stride(0), N, K, D, IEEE=ieee, EMULATE=interpreting(),
+        EVEN_D=D % bd == 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=8 if bm == 128 else 4)
+    return out
+
+
+def rb_grad_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor,
+                   beta: torch.Tensor, stats: torch.Tensor, coefs: torch.Tensor, out: torch.Tensor | None = None,
+                   blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """d loss / d logits (N, padded_vocab(K)) in h's dtype (0 in the padded columns), the logits of
+    :func:`rb_logits_linear` recomputed in registers; ``stats``, ``coefs`` as for :func:`rb_grad`."""
+    N, K, D = _check_linear(h, weight, bias)
+    for name, t in (("zt", zt), ("x0", x0), ("beta", beta)):
+        if t.shape != (N,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with shape ({N},), got {tuple(t.shape)}")
+    if stats.shape != (NUM_STATS, N) or coefs.shape != (5, N) or not (stats.is_contiguous() and coefs.is_contiguous()):
+        raise ValueError("stats must be (9, N) and coefs (5, N), contiguous float32")
+    out = _out(h, K, out)
+    if N == 0:
+        return out
+    ieee = h.dtype == torch.float32
+    bm, bk, bd = blocks or linear_blocks(D, ieee)
+    _rb_grad_linear_kernel[(triton.cdiv(N, bm), out.shape[1] // bk)](
+        h, h.stride(0), weight, weight.stride(0), bias, out, out.stride(0), zt, x0, beta, stats, coefs, N, K, D,
+        IEEE=ieee, EMULATE=interpreting(), EVEN_D=D % bd == 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
+        num_warps=8 if bm == 128 else 4)
     return out

@@ -13,8 +13,8 @@ Per token ``n`` with clean id ``x``: ``w_j = at [j = x] + st eps_j`` (``eps`` st
   IEEE product). Sparse mode: a tile whose weights are all below ``delta`` is flagged as empty;
   with ``delta = 1e-6 / K`` the weight a GEMM drops by skipping such tiles is below
   ``K * delta = 1e-6`` per token, so ``|h0 - h0_exact| <= 1e-6 max_j |E_j|``.
-* ``_mm_kernel``: ``C (+)= A @ B`` with fp32 accumulation, skipping the (64 x 64)-tile blocks the
-  flags mark empty: the forward ``h0 = P @ E`` and the backward ``dE += P^T dh`` (``P`` read
+* ``kernels.gemm``: ``C (+)= A @ B`` with fp32 accumulation, skipping the (64 x 64)-tile blocks
+  the flags mark empty: the forward ``h0 = P @ E`` and the backward ``dE += P^T dh`` (``P`` read
   transposed through its strides; no gradient flows to the noise).
 
 Tokens are processed in chunks whose ``P`` stays within 512 MiB; the backward regenerates ``P``
@@ -24,10 +24,10 @@ Randomness: Philox keyed by ``seed``; id ``c`` of token ``n`` is draw ``c % 4`` 
 ``(c // 4, n, 2, 0)``: its four words make two Box-Muller pairs (``kernels._common.normal_pair``:
 cosine then sine of words 0-1, then of words 2-3). The noise of a (token, id) pair does not
 depend on the block sizes, so the three kernels see the same ``eps``. ``HAS_EPS`` replaces the
-RNG by an explicit (N, K) tensor (tests). Dots (``_common.mma``): bf16/fp16 tensor cores with
-fp32 accumulation whatever the embedding's dtype (an fp32 embedding is rounded to bf16 in the
-tile); ``IEEE`` (an explicit option) multiplies fp32 exactly. The interpreter runs the same
-branches with only the dot emulated. This module never imports duo_fast.
+RNG by an explicit (N, K) tensor (tests). Dots: bf16/fp16 tensor cores with fp32 accumulation
+whatever the embedding's dtype (an fp32 embedding is rounded to bf16 once per call); ``ieee`` (an
+explicit option) multiplies fp32 exactly. The interpreter runs the same branches with only the
+dot emulated. This module never imports duo_fast.
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, mma, normal_pair
+from ._common import cast, interpreting, normal_pair
+from .gemm import FLAG_BLOCK, matmul
+from .gemm import blocks as gemm_blocks
 
 __all__ = ["relaxed_stats", "relaxed_fwd", "relaxed_bwd", "probs", "stats_blocks", "fwd_blocks", "bwd_blocks",
            "chunk_tokens", "sparse_delta", "FLAG_BLOCK", "PAD"]
 
 _NOISE_STREAM = 2
 _LOG2E = tl.constexpr(1.4426950408889634)
-FLAG_BLOCK = 64          # tile of the probabilities kernel and of the sparse flags (tokens x ids)
 PAD = 128                # the P buffer's rows and columns are padded to multiples of this (>= every GEMM K-step)
 _CHUNK_BYTES = 2**29     # P of one chunk of tokens stays within 512 MiB
 
@@ -141,47 +142,6 @@ def _re_probs_kernel(x0_ptr, at_ptr, st_ptr, eps_ptr, stride_en, norm_ptr, p_ptr
     tl.store(p_ptr + local.to(tl.int64)[:, None] * stride_pn + cols[None, :], cast(p, p_ptr.dtype.element_ty, EMULATE))
 
 
-@triton.jit
-def _mm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, c_ptr, stride_cm, stride_cn,
-               flags_ptr, stride_fm, stride_fk, flags_m, flags_k, M, N_out, K_steps, b_rows,
-               ACCUMULATE: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FB: tl.constexpr):
-    """c[:M, :N_out] (+)= a @ b with fp32 accumulation. ``a`` (rows >= M exist: the padded P or
-    its transpose) is read over ``K_steps`` (a multiple of BLOCK_K) columns; ``b``'s rows past
-    ``b_rows`` are clamped to the last (``a`` is zero there), its columns past ``N_out`` too (not
-    stored), so the loop has no masks. ``a`` and ``b`` share a dtype (bf16/fp16: tensor cores;
-    fp32 with ``IEEE``). ``SKIP``: a K-step whose (FB x FB) flags over this tile's rows are all 0
-    is skipped (its part of ``a`` is zero)."""
-    pid_n = tl.program_id(0)          # the column tiles of one row block run side by side: its rows of a
-    pid_m = tl.program_id(1)          # (the large operand) come from HBM once and from L2 after
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
-    b_cols = b_ptr + tl.minimum(rn, N_out - 1)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    FM: tl.constexpr = BLOCK_M // FB if BLOCK_M >= FB else 1
-    FK: tl.constexpr = BLOCK_K // FB if BLOCK_K >= FB else 1
-    fm = (pid_m * BLOCK_M) // FB + tl.arange(0, FM)
-    for k0 in range(0, K_steps, BLOCK_K):
-        kk = k0 + rk
-        run = True
-        if SKIP:
-            fk = k0 // FB + tl.arange(0, FK)
-            f = tl.load(flags_ptr + fm[:, None] * stride_fm + fk[None, :] * stride_fk,
-                        mask=(fm < flags_m)[:, None] & (fk < flags_k)[None, :], other=0)
-            run = tl.max(tl.max(f.to(tl.int32), 1), 0) > 0
-        if run:
-            a = tl.load(a_rows + kk.to(tl.int64)[None, :] * stride_ak)
-            b = tl.load(b_cols + tl.minimum(kk, b_rows - 1).to(tl.int64)[:, None] * stride_bk)
-            acc = mma(a, b, acc, IEEE, EMULATE)
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
-    cmask = (rm < M)[:, None] & (rn < N_out)[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=cmask, other=0.0)
-    tl.store(c_ptrs, cast(acc, c_ptr.dtype.element_ty, EMULATE), mask=cmask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -203,31 +163,14 @@ def stats_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
     return 2048 // bk, bk
 
 
-def _mm_blocks(N_out: int, ieee: bool, interpret: bool | None) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of a GEMM producing N_out columns: 128 x 128 x 128 tensor-core
-    tiles (8 warps; 64-deep steps cost 1.7x the issue slots by the cost model), 64 x 64 x 64 for
-    the IEEE fp32 product on the FMA units (4 warps, no spills); large tiles in the interpreter,
-    which runs programs one by one in Python."""
-    if interpreting() if interpret is None else interpret:
-        return 128, _pow2(N_out, 16, 256), PAD
-    if ieee:
-        return 64, (64 if N_out >= 64 else 16), 64
-    return 128, (128 if N_out >= 128 else 64 if N_out >= 64 else 16), 128
-
-
 def fwd_blocks(N: int, K: int, D: int, interpret: bool | None = None, ieee: bool = False) -> tuple[int, int, int]:
     """GEMM tiles of the forward ``h0 = P @ E`` (tokens x features x ids)."""
-    return _mm_blocks(D, ieee, interpret)
+    return gemm_blocks(D, ieee, interpret)
 
 
 def bwd_blocks(N: int, K: int, D: int, interpret: bool | None = None, ieee: bool = False) -> tuple[int, int, int]:
     """GEMM tiles of the backward ``dE += P^T dh`` (ids x features x tokens)."""
-    return _mm_blocks(D, ieee, interpret)
-
-
-def _warps(bm: int, bn: int, ieee: bool) -> int:
-    """8 warps (two warpgroups) for the 128-row tensor-core tiles, 4 for the IEEE product's."""
-    return 4 if ieee or bm < 128 else 8
+    return gemm_blocks(D, ieee, interpret)
 
 
 def chunk_tokens(N: int, K: int, element_bytes: int) -> int:
@@ -282,18 +225,6 @@ def probs(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torch.Tens
                            BLOCK_K=FLAG_BLOCK, num_warps=4)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, M: int, K_steps: int, b_rows: int,
-        flags: torch.Tensor | None, flag_strides: tuple[int, int], flag_shape: tuple[int, int], accumulate: bool,
-        ieee: bool, blocks: tuple[int, int, int] | None) -> None:
-    N_out = c.shape[1]
-    bm, bn, bk = blocks or _mm_blocks(N_out, ieee, None)
-    grid = (triton.cdiv(N_out, bn), triton.cdiv(M, bm))
-    _mm_kernel[grid](a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c, c.stride(0), c.stride(1),
-                     flags if flags is not None else c, *flag_strides, *flag_shape, M, N_out, K_steps, b_rows,
-                     ACCUMULATE=accumulate, SKIP=flags is not None, IEEE=ieee, EMULATE=interpreting(),
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FB=FLAG_BLOCK, num_warps=_warps(bm, bn, ieee))
-
-
 def _buffers(N: int, K: int, dtype: torch.dtype, device: torch.device,
              chunk: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
     chunk = chunk or chunk_tokens(N, K, torch.finfo(dtype).bits // 8)
@@ -327,8 +258,7 @@ def relaxed_fwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, embedding:
     for r0 in range(0, N, chunk):
         n = min(chunk, N - r0)
         probs(x0, at, st, norm, K, tau, seed, sparse, r0, n, buf, flags, eps)
-        _mm(buf, emb, h0[r0:r0 + n], n, buf.shape[1], K, flags if sparse else None, (flags.stride(0), 1),
-            tuple(flags.shape), False, ieee, None if blocks is None else blocks[0])
+        matmul(buf, emb, h0[r0:r0 + n], False, ieee, flags if sparse else None, None if blocks is None else blocks[0])
     return h0, zt, norm
 
 
@@ -355,6 +285,6 @@ def relaxed_bwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torc
         probs(x0, at, st, norm, K, tau, seed, sparse, r0, n, buf, flags, eps)
         rows = _round_up(n, PAD)
         # a = P^T: (ids, tokens) through the strides; the flags are read transposed the same way
-        _mm(buf.t(), dh_op[r0:r0 + n], de, K, rows, n, flags if sparse else None, (1, flags.stride(0)),
-            (flags.shape[1], flags.shape[0]), True, ieee, blocks)
+        matmul(buf[:rows].t(), dh_op[r0:r0 + n], de, True, ieee, flags[:rows // FLAG_BLOCK].t() if sparse else None,
+               blocks)
     return de

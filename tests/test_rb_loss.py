@@ -275,3 +275,36 @@ def test_cpu_fused_op_equals_the_pytorch_statistics_and_gradient():
         inplace = logits.clone()
         torch.ops.duo_fast.rb_grad_cpu(inplace, zt, x0, beta, s_t, coefs, inplace)
         assert torch.equal(inplace, g_c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gpu_blocks", [True, False])
+def test_fused_gradient_recomputes_the_forward_logits_bit_for_bit(dtype, gpu_blocks):
+    """The Triton path of rb_loss_linear: the forward's logits kernel and the backward's fused
+    logits + gradient kernel compute each logit with the same code, so the fused gradient equals
+    the elementwise gradient kernel applied to the stored logits exactly (bf16 tensor-core branch
+    and fp32), at the GPU's tiles and the interpreter's, on shapes that are multiples of none."""
+    from duo_fast.kernels import rb_loss as kr
+    from duo_fast.ops.rb_loss import _grad_coefficients
+
+    N, K, D = 45, 150, 72
+    g = torch.Generator().manual_seed(3)
+    dev = impl_device("triton")
+    h = torch.randn(N, D, generator=g).to(dtype).to(dev)
+    w, b = (torch.randn(K, D, generator=g) * 0.3).to(dtype).to(dev), torch.randn(K, generator=g).to(dtype).to(dev)
+    x0 = torch.randint(0, K, (N,), generator=g)
+    zt = torch.where(torch.rand(N, generator=g) < 0.5, x0, torch.randint(0, K, (N,), generator=g))
+    a = 10 ** (-4 * torch.rand(N, dtype=torch.float64, generator=g))
+    beta = (K * a / (1 - a)).float()
+    zt, x0, beta = zt.to(dev), x0.to(dev), beta.to(dev)
+    blocks = kr.linear_blocks(D, dtype == torch.float32, interpret=not gpu_blocks)
+    logits = kr.rb_logits_linear(h, w, b, blocks=blocks)
+    assert logits.dtype == dtype and logits.shape == (N, kr.padded_vocab(K)) == (N, 256)
+    assert torch.isinf(logits[:, K:]).all() and torch.isfinite(logits[:, :K]).all()
+    truth = (h.double() @ w.double().T + b.double()).cpu()
+    assert ((logits[:, :K].double().cpu() - truth).abs() <= truth.abs() * 2 ** -7 + 1e-5).all()
+    stats = kr.rb_stats(logits, zt, x0, beta)
+    coefs = _grad_coefficients(stats.cpu(), (zt == x0).cpu(), a, -torch.ones_like(a), K, torch.ones_like(a)).to(dev)
+    fused = kr.rb_grad_linear(h, w, b, zt, x0, beta, stats, coefs.contiguous(), blocks=blocks)
+    assert torch.equal(fused, kr.rb_grad(logits, zt, x0, beta, stats, coefs.contiguous()))
+    assert (fused[:, K:] == 0).all()

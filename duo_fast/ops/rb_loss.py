@@ -44,9 +44,12 @@ def log1p_minus_x(x: Tensor) -> Tensor:
 
 
 def default_chunk_tokens(K: int, device: torch.device, elem_bytes: int = 4) -> int:
-    """Rows per chunk: a ``chunk x K`` block of about 256 MiB on GPU, 8 MiB on CPU (at least 16 rows)."""
-    budget = (256 if device.type == "cuda" else 8) * 2**20
-    return max(16, budget // max(1, K * elem_bytes) // 16 * 16)
+    """Rows per chunk: a ``chunk x K`` block of about 256 MiB on GPU, in multiples of 128 rows (the
+    dW GEMM's step along tokens: no masked step but the last chunk's); 8 MiB on CPU, multiples of
+    16 (at least 16 rows)."""
+    if device.type == "cuda":
+        return max(128, (256 << 20) // max(1, K * elem_bytes) // 128 * 128)
+    return max(16, (8 << 20) // max(1, K * elem_bytes) // 16 * 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,23 +249,6 @@ class _RBLoss(torch.autograd.Function):
         return dl, None, None, None, None, None, None, None
 
 
-PAD = 64
-
-
-def _padded_projection(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The projection padded to a multiple of 64 vocabulary rows (zero rows, bias -inf) for the
-    Triton path: the logits chunk then has rows aligned for vector loads and needs no column
-    mask, and its padded columns (logit -inf, p = 0) add exactly nothing to any sum; their
-    gradient is 0. One copy of the (K, D) weight per call."""
-    K, D = weight.shape
-    K_pad = -(-K // PAD) * PAD
-    if K_pad == K:
-        return weight, bias if bias is not None else weight.new_zeros(K)
-    w = torch.cat([weight, weight.new_zeros(K_pad - K, D)])
-    b = torch.cat([bias if bias is not None else weight.new_zeros(K), weight.new_full((K_pad - K,), float("-inf"))])
-    return w, b
-
-
 class _RBLossLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x0: Tensor, a: Tensor, da: Tensor,
@@ -271,15 +257,21 @@ class _RBLossLinear(torch.autograd.Function):
         K = weight.shape[0]
         beta = (K * a / (1 - a)).float()
         stats = h.new_empty((NUM_STATS, N), dtype=torch.float32)
-        if triton:
-            weight, bias = _padded_projection(weight, bias)
+        if triton:                  # the fused kernels read W and h in place (no padded copy of W)
+            weight, h = weight.contiguous(), (h if h.stride(1) == 1 else h.contiguous())
+            bias_k = bias if bias is not None else weight.new_zeros(K)
         # One chunk on CPU: keep its logits for the backward (which overwrites them with the
         # gradient) instead of recomputing them: the same peak memory, one matmul fewer.
         keep = not triton and h.device.type == "cpu" and N <= chunk
         kept = None
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            logits = torch.nn.functional.linear(h[s:e], weight, bias)
+            if triton:              # the logits the backward's fused kernel recomputes, bit for bit
+                from ..kernels.rb_loss import rb_logits_linear
+
+                logits = rb_logits_linear(h[s:e], weight, bias_k)
+            else:
+                logits = torch.nn.functional.linear(h[s:e], weight, bias)
             stats[:, s:e] = _stats(logits, zt[s:e], x0[s:e], beta[s:e], triton)
             kept = logits if keep else None
             del logits
@@ -294,7 +286,7 @@ class _RBLossLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         h, weight, bias, zt, x0, a, da, beta, stats = ctx.saved_tensors
         N = h.shape[0]
-        K = ctx.vocab                                             # the true vocabulary (weight may be padded)
+        K = ctx.vocab
         coefs = _grad_coefficients(stats, zt == x0, a, da, K, grad.double())
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(h) if need_h else None
@@ -302,14 +294,26 @@ class _RBLossLinear(torch.autograd.Function):
         db = torch.zeros(K, dtype=torch.float32, device=h.device) if need_b and bias is not None else None
         for s in range(0, N, ctx.chunk):
             e = min(N, s + ctx.chunk)
-            logits = ctx.kept if ctx.kept is not None else torch.nn.functional.linear(h[s:e], weight, bias)
-            ctx.kept = None
-            dl = _grad(logits, zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], ctx.triton, inplace=True)
-            del logits
+            if ctx.triton:          # the logits recomputed in registers, never stored
+                from ..kernels.rb_loss import rb_grad_linear
+
+                dl = rb_grad_linear(h[s:e], weight, bias if bias is not None else weight.new_zeros(K), zt[s:e],
+                                    x0[s:e], beta[s:e], stats[:, s:e].contiguous(), coefs[:, s:e].contiguous())
+            else:
+                logits = ctx.kept if ctx.kept is not None else torch.nn.functional.linear(h[s:e], weight, bias)
+                ctx.kept = None
+                dl = _grad(logits, zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], False, inplace=True)
+                del logits
+            if dw is not None and ctx.triton and dl.dtype != torch.float32:
+                from ..kernels.gemm import matmul
+
+                # bf16/fp16 products accumulated in fp32 straight into dW; the padded columns of the
+                # gradient (zeros) are read too, so the operand's rows stay aligned; K rows are stored
+                matmul(dl.t(), h[s:e], dw, accumulate=True)
+            dl = dl[:, :K]                              # the Triton path's chunks have padded columns
             if dh is not None:
-                torch.mm(dl, weight, out=dh[s:e])                     # padded rows of W are zero
-            dl = dl[:, :K]
-            if dw is not None:
+                torch.mm(dl, weight, out=dh[s:e])
+            if dw is not None and not (ctx.triton and dl.dtype != torch.float32):
                 if dl.dtype == torch.float32:
                     dw.addmm_(dl.t(), h[s:e])
                 else:                                   # bf16/fp16 matmul (fp32 accumulation), summed in fp32
