@@ -10,7 +10,8 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "mma", "cast", "lg2_approx", "exponential32_log2e", "exponential32", "normal_pair", "normal32"]
+__all__ = ["interpreting", "mma", "cast", "linear_tile", "lg2_approx", "exponential32_log2e", "exponential32",
+           "normal_pair", "normal32"]
 
 
 def interpreting() -> bool:
@@ -35,6 +36,25 @@ def mma(a, b, acc, IEEE: tl.constexpr, EMULATE: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def linear_tile(h_rows, w_rows, D, IEEE: tl.constexpr, EMULATE: tl.constexpr, EVEN_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``h[rows] @ W[cols]^T`` of one (BLOCK_M, BLOCK_K) tile with fp32 accumulation, stepping
+    BLOCK_D along D; ``h_rows`` (BLOCK_M, 1) and ``w_rows`` (BLOCK_K, 1) point at the rows (callers
+    clamp rows past their end, so only D needs a mask, and none when BLOCK_D divides it)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            hb = tl.load(h_rows + dd[None, :])
+            wb = tl.load(w_rows + dd[None, :])
+        else:
+            hb = tl.load(h_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
+            wb = tl.load(w_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
+        acc = mma(hb, tl.trans(wb), acc, IEEE, EMULATE)
+    return acc
 
 
 @triton.jit

@@ -31,11 +31,13 @@ duo_fast.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, mma
+from ._common import cast, interpreting, linear_tile
 
 __all__ = ["rb_stats", "rb_grad", "rb_logits_linear", "rb_grad_linear", "stats_blocks", "grad_blocks",
            "linear_blocks", "padded_vocab", "NUM_STATS"]
@@ -169,16 +171,7 @@ def _logits_tile(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, rows, cols, N, K, D,
     BLOCK_D divides it."""
     h_rows = h_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_hn
     w_rows = w_ptr + tl.minimum(cols, K - 1).to(tl.int64)[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            hb = tl.load(h_rows + dd[None, :])
-            wb = tl.load(w_rows + dd[None, :])
-        else:
-            hb = tl.load(h_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
-            wb = tl.load(w_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
-        acc = mma(hb, tl.trans(wb), acc, IEEE, EMULATE)
+    acc = linear_tile(h_rows, w_rows, D, IEEE, EMULATE, EVEN_D, BLOCK_M, BLOCK_K, BLOCK_D)
     acc += tl.load(b_ptr + cols, mask=cols < K, other=float("-inf")).to(tl.float32)[None, :]
     return cast(acc, out_dtype, EMULATE).to(tl.float32)
 
@@ -340,20 +333,27 @@ def _out(h: torch.Tensor, K: int, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def rb_logits_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None,
-                     blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """logits (N, padded_vocab(K)) = h @ weight^T + bias in h's dtype (fp32 accumulation), -inf in the
-    padded columns: what :func:`rb_grad_linear` recomputes, bit for bit."""
-    N, K, D = _check_linear(h, weight, bias)
-    out = _out(h, K, out)
+def _launch_linear(kernel: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+                   rows: tuple, blocks: tuple[int, int, int] | None) -> torch.Tensor:
+    """Launch a logits-tile kernel over (row blocks, vocabulary tiles of ``out``); ``rows``: the
+    per-row arguments between ``stride_on`` and ``N``."""
+    N, K, D = h.shape[0], weight.shape[0], h.shape[1]
     if N == 0:
         return out
     ieee = h.dtype == torch.float32
     bm, bk, bd = blocks or linear_blocks(D, ieee)
-    _rb_logits_kernel[(triton.cdiv(N, bm), out.shape[1] // bk)](
-        h, h.stride(0), weight, weight.stride(0), bias, out, out.stride(0), N, K, D, IEEE=ieee, EMULATE=interpreting(),
-        EVEN_D=D % bd == 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=8 if bm == 128 else 4)
+    kernel[(triton.cdiv(N, bm), out.shape[1] // bk)](
+        h, h.stride(0), weight, weight.stride(0), bias, out, out.stride(0), *rows, N, K, D, IEEE=ieee,
+        EMULATE=interpreting(), EVEN_D=D % bd == 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=8 if bm == 128 else 4)
     return out
+
+
+def rb_logits_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None,
+                     blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """logits (N, padded_vocab(K)) = h @ weight^T + bias in h's dtype (fp32 accumulation), -inf in the
+    padded columns: what :func:`rb_grad_linear` recomputes, bit for bit."""
+    _, K, _ = _check_linear(h, weight, bias)
+    return _launch_linear(_rb_logits_kernel, h, weight, bias, _out(h, K, out), (), blocks)
 
 
 def rb_grad_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor,
@@ -361,19 +361,11 @@ def rb_grad_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zt
                    blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """d loss / d logits (N, padded_vocab(K)) in h's dtype (0 in the padded columns), the logits of
     :func:`rb_logits_linear` recomputed in registers; ``stats``, ``coefs`` as for :func:`rb_grad`."""
-    N, K, D = _check_linear(h, weight, bias)
+    N, K, _ = _check_linear(h, weight, bias)
     for name, t in (("zt", zt), ("x0", x0), ("beta", beta)):
         if t.shape != (N,) or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous with shape ({N},), got {tuple(t.shape)}")
     if stats.shape != (NUM_STATS, N) or coefs.shape != (5, N) or not (stats.is_contiguous() and coefs.is_contiguous()):
         raise ValueError("stats must be (9, N) and coefs (5, N), contiguous float32")
-    out = _out(h, K, out)
-    if N == 0:
-        return out
-    ieee = h.dtype == torch.float32
-    bm, bk, bd = blocks or linear_blocks(D, ieee)
-    _rb_grad_linear_kernel[(triton.cdiv(N, bm), out.shape[1] // bk)](
-        h, h.stride(0), weight, weight.stride(0), bias, out, out.stride(0), zt, x0, beta, stats, coefs, N, K, D,
-        IEEE=ieee, EMULATE=interpreting(), EVEN_D=D % bd == 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
-        num_warps=8 if bm == 128 else 4)
-    return out
+    return _launch_linear(_rb_grad_linear_kernel, h, weight, bias, _out(h, K, out), (zt, x0, beta, stats, coefs),
+                          blocks)

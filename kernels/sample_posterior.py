@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import exponential32_log2e, interpreting, lg2_approx, mma
+from ._common import exponential32_log2e, interpreting, lg2_approx, linear_tile
 
 __all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks"]
 
@@ -223,16 +223,7 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
         w_rows = w_ptr + tl.minimum(cols, K - 1).to(tl.int64)[:, None] * stride_wk
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for d0 in range(0, D, BLOCK_D):                                 # logits tile = h @ W_chunk^T
-            dd = d0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                hb = tl.load(h_rows + dd[None, :])
-                wb = tl.load(w_rows + dd[None, :])
-            else:
-                hb = tl.load(h_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
-                wb = tl.load(w_rows + dd[None, :], mask=(dd < D)[None, :], other=0.0)
-            acc = mma(hb, tl.trans(wb), acc, IEEE, EMULATE)
+        acc = linear_tile(h_rows, w_rows, D, IEEE, EMULATE, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)   # h @ W_chunk^T
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if FINAL != 2:                                                  # base 2 (as the logits kernel rounds it)
