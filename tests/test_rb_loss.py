@@ -308,3 +308,20 @@ def test_fused_gradient_recomputes_the_forward_logits_bit_for_bit(dtype, gpu_blo
     fused = kr.rb_grad_linear(h, w, b, zt, x0, beta, stats, coefs.contiguous(), blocks=blocks)
     assert torch.equal(fused, kr.rb_grad(logits, zt, x0, beta, stats, coefs.contiguous()))
     assert (fused[:, K:] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rb_loss_linear_with_no_tokens_gives_zero_gradients(impl):
+    """An empty batch: an empty loss, and gradients of exactly 0 (dW and db are written by the
+    first chunk, so with no chunk they must still be zeros, not uninitialised memory)."""
+    dev = impl_device(impl)
+    K, D = 50, 16
+    h = torch.randn(2, 0, D, device=dev, requires_grad=True)
+    w = torch.randn(K, D, device=dev, requires_grad=True)
+    b = torch.randn(K, device=dev, requires_grad=True)
+    empty = torch.zeros(2, 0, dtype=torch.long, device=dev)
+    loss = rb_loss_linear(h, w, b, empty, empty, 0.5, -1.0, impl=impl)
+    assert loss.shape == (2, 0)
+    (loss.sum() + 0 * w.sum() + 0 * b.sum()).backward()
+    assert w.grad is not None and b.grad is not None
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))

@@ -290,10 +290,13 @@ class _RBLossLinear(torch.autograd.Function):
         coefs = _grad_coefficients(stats, zt == x0, a, da, K, grad.double())
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros((K, weight.shape[1]), dtype=torch.float32, device=h.device) if need_w else None
-        db = torch.zeros(K, dtype=torch.float32, device=h.device) if need_b and bias is not None else None
+        # dW and db are written by the first chunk and accumulated by the others (no zero fill)
+        new = torch.empty if N else torch.zeros
+        dw = new((K, weight.shape[1]), dtype=torch.float32, device=h.device) if need_w else None
+        db = new(K, dtype=torch.float32, device=h.device) if need_b and bias is not None else None
         for s in range(0, N, ctx.chunk):
             e = min(N, s + ctx.chunk)
+            first = s == 0
             if ctx.triton:          # the logits recomputed in registers, never stored
                 from ..kernels.rb_loss import rb_grad_linear
 
@@ -309,17 +312,27 @@ class _RBLossLinear(torch.autograd.Function):
 
                 # bf16/fp16 products accumulated in fp32 straight into dW; the padded columns of the
                 # gradient (zeros) are read too, so the operand's rows stay aligned; K rows are stored
-                matmul(dl.t(), h[s:e], dw, accumulate=True)
+                matmul(dl.t(), h[s:e], dw, accumulate=not first)
             dl = dl[:, :K]                              # the Triton path's chunks have padded columns
             if dh is not None:
                 torch.mm(dl, weight, out=dh[s:e])
             if dw is not None and not (ctx.triton and dl.dtype != torch.float32):
                 if dl.dtype == torch.float32:
-                    dw.addmm_(dl.t(), h[s:e])
+                    if first:
+                        torch.mm(dl.t(), h[s:e], out=dw)
+                    else:
+                        dw.addmm_(dl.t(), h[s:e])
                 else:                                   # bf16/fp16 matmul (fp32 accumulation), summed in fp32
-                    dw += torch.mm(dl.t(), h[s:e]).float()
+                    part = torch.mm(dl.t(), h[s:e])
+                    if first:
+                        dw.copy_(part)
+                    else:
+                        dw += part
             if db is not None:
-                db += dl.sum(0, dtype=torch.float32)
+                if first:
+                    torch.sum(dl, 0, dtype=torch.float32, out=db)
+                else:
+                    db += dl.sum(0, dtype=torch.float32)
         return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(h.dtype),
                 None, None, None, None, None, None, None)
 
