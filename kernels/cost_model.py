@@ -428,7 +428,8 @@ def _posterior_nucleus(arch: int) -> dict[str, Any]:
 
     def draw_model(launch: Launch) -> dict[str, Any]:
         bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
-        return {"trips": [math.ceil(K / bk)], "flops": 0.0, "hbm_bytes": nk * 2 + N * 36, "elements_per_iteration": bm * bk}
+        return {"trips": [math.ceil(K / bk)], "flops": 0.0, "hbm_bytes": nk * 2 + N * 36 + N * 128 * 2,
+                "elements_per_iteration": bm * bk}
 
     ours = [_gemm("logits = h W^T (bf16)", N, K, D),
             *_triton_step("nucleus cut", lambda: sp.nucleus_cut_fwd(logits, 0.9), cut_model, arch),
@@ -469,7 +470,8 @@ def _posterior_logits(arch: int) -> dict[str, Any]:
 
     def model(launch: Launch) -> dict[str, Any]:
         bm, bk = launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_K"]
-        return {"trips": [math.ceil(K / bk)], "flops": 0.0, "hbm_bytes": N * K * 2 + N * 32,
+        # + the second pass: each row re-reads the 128 logits of its chosen group
+        return {"trips": [math.ceil(K / bk)], "flops": 0.0, "hbm_bytes": N * K * 2 + N * 32 + N * 128 * 2,
                 "elements_per_iteration": bm * bk}
 
     steps = _triton_step("posterior from logits", lambda: sp.sample_posterior_fwd(logits, zt, a, a, None, seed, 0),

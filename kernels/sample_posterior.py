@@ -1,23 +1,35 @@
-"""Triton kernels: exact one-pass posterior sampling (docs/math.md section 2).
+"""Triton kernels: exact posterior sampling (docs/math.md section 2).
 
 For each token (a row of the logits), one streaming pass over the vocabulary keeps an online
-log-sum-exp, a Gumbel-argmax of ``logits + g`` (a draw from ``x_theta``) and the logit at
-``z_t``. The posterior is then the mixture "draw from x_theta" / "draw uniformly" / "stay at
-z_t" with weights ``A = a_s - a_t``, ``Bu = (a_s - a_t)(1 - a_s)/a_s`` and
-``C = a_t K x_theta[z_t] + a_t (1 - a_s)/a_s`` (the section's ``1 - a_ts`` and ``a_ts - a_t``
-rewritten without cancellation), evaluated in float64. The Psi sampler mixes in
-``a_s q0 + (1 - a_s)/K`` with ``q0`` the posterior at ``s = 0``: the same three parts with other
-weights. No ``B x L x K`` temporary exists.
+log-sum-exp, a draw from ``x_theta`` and the logit at ``z_t``. The posterior is then the
+mixture "draw from x_theta" / "draw uniformly" / "stay at z_t" with weights ``A = a_s - a_t``,
+``Bu = (a_s - a_t)(1 - a_s)/a_s`` and ``C = a_t K x_theta[z_t] + a_t (1 - a_s)/a_s`` (the
+section's ``1 - a_ts`` and ``a_ts - a_t`` rewritten without cancellation), evaluated in float64.
+The Psi sampler mixes in ``a_s q0 + (1 - a_s)/K`` with ``q0`` the posterior at ``s = 0``: the
+same three parts with other weights. No ``B x L x K`` temporary exists.
 
-Randomness: Philox keyed by ``seed``; vocabulary index ``c`` of a row takes word ``c % 4`` of
-counter ``(c // 4, row, 0, 0)`` (stream 0: all four words of each call are used): the Gumbel
-noise of a (row, vocab index) is the same whatever the block sizes, so the fused-linear kernel
-draws exactly what the logits kernel draws. The Gumbel is ``-log E`` with ``E = exponential32``
-of one Philox word (26 nats of range: no id within 25 nats of the top is ever excluded). The
-kernels work in base 2 (logits times ``log2(e)``, ``exp2``, ``lg2_approx``: one MUFU instruction
-per log or exp, no ``ln 2`` scalings); the Gumbel-argmax ``l log2(e) - log2(log2(e) E)`` is the
-natural-base one scaled by ``log2(e)`` and shifted by a constant, the same draw. The
-mixture uniform has 53 bits; the uniform id
+The draw from ``x_theta``:
+
+- **fused-linear kernel**: Gumbel-argmax of ``logits + g``, one Gumbel per id (the logits exist
+  only as tiles of the GEMM, so a second look at a few of them would cost a GEMM).
+- **logits kernel**, by groups (docs/math.md section 2, "two-level draw"): the ids are cut into
+  fixed groups of 128; the pass draws a group by Gumbel-argmax of the groups' log-masses (one
+  Gumbel per group), then re-reads the chosen group's 128 logits and draws an id among them by
+  Gumbel-argmax (one Gumbel per id of that group). P(id) = P(group) P(id | group), exactly; 1/128
+  of the random numbers of one Gumbel per id, which is what made this kernel compute-bound. The
+  groups of a block of ``128 NJ`` ids (:func:`draw_block`, a function of K alone) interleave:
+  group ``j`` is ``{16 NJ a + 16 j + l: a < 8, l < 16}``, so that each thread of the pass holds
+  its group's ids itself (sums without shuffles).
+
+Randomness: Philox keyed by ``seed``; the per-id Gumbel of id ``c`` of a row takes word
+``c % 4`` of counter ``(c // 4, row, 0, 0)`` (stream 0: all four words of each call are used),
+the same whatever the block sizes; the group Gumbel of group ``g`` is word 0 of
+``(g, row, 2, 0)`` (stream 2). A Gumbel is ``-log E`` with ``E = exponential32`` of one Philox
+word (26 nats of range: no id within 25 nats of the top is ever excluded). The kernels work in
+base 2 (logits times ``log2(e)``, ``exp2``, ``lg2_approx``: one MUFU instruction per log or exp,
+no ``ln 2`` scalings); the Gumbel-argmax ``l log2(e) - log2(log2(e) E)`` is the natural-base one
+scaled by ``log2(e)`` and shifted by a constant, the same draw (and a group's score
+``log2(mass) - log2(log2(e) E)`` likewise). The mixture uniform has 53 bits; the uniform id
 uses ``(r * K) >> 32`` (relative bias at most ``K / 2^32``).
 
 ``FINAL``: 0 posterior at ``(a_s, a_t)``, 1 ancestral final step (``a_s = 1``), 2 greedy
@@ -32,11 +44,13 @@ import triton.language as tl
 
 from ._common import exponential32_log2e, interpreting, lg2_approx, linear_tile
 
-__all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks"]
+__all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks",
+           "draw_block"]
 
 _GUMBEL_STREAM = 0
 _MIX_STREAM = 1
 _LOG2E = tl.constexpr(1.4426950408889634)
+_GROUP = tl.constexpr(128)          # ids per group of the logits kernel's two-level draw
 
 
 @triton.jit
@@ -66,14 +80,9 @@ def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.cons
 
 
 @triton.jit
-def _gumbel_tile(seed, rows, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Gumbel noise of the (rows, k0 + [0, BLOCK_K)) tile in base 2: ``-log2(log2(e) E)``, float32.
-    Vocabulary index ``c`` uses word ``c % 4`` of Philox counter ``(c // 4, row, 0, 0)`` (stream
-    0): one Philox call per four ids, the same noise whatever the block sizes (``k0`` and
-    ``BLOCK_K`` multiples of 4)."""
-    j = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-    c0 = j[None, :] + rows[:, None] * 0
-    c1 = rows[:, None] + j[None, :] * 0
+def _gumbel_words(seed, c0, c1, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gumbel noise in base 2 (``-log2(log2(e) E)``, float32) of a (BLOCK_M, BLOCK_K) tile whose
+    column ``4j + t`` takes word ``t`` of Philox counter ``(c0[:, j], c1[:, j], 0, 0)``."""
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
     g0 = -lg2_approx(exponential32_log2e(r0))
     g1 = -lg2_approx(exponential32_log2e(r1))
@@ -81,6 +90,16 @@ def _gumbel_tile(seed, rows, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     g3 = -lg2_approx(exponential32_log2e(r3))
     # element [n, j, p, q] of the double join is word 2p + q: flattened, column 4j + t gets word t
     return tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def _gumbel_tile(seed, rows, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gumbel noise of the (rows, k0 + [0, BLOCK_K)) tile in base 2, float32. Vocabulary index
+    ``c`` uses word ``c % 4`` of Philox counter ``(c // 4, row, 0, 0)`` (stream 0): one Philox
+    call per four ids, the same noise whatever the block sizes (``k0`` and ``BLOCK_K``
+    multiples of 4)."""
+    j = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    return _gumbel_words(seed, j[None, :] + rows[:, None] * 0, rows[:, None] + j[None, :] * 0, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -110,6 +129,49 @@ def _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, see
     best_v = tl.where(take, blk_v, best_v)
     l_i += tl.sum(tl.where(cols[None, :] == zt[:, None], logit, 0.0), 1)
     return m_new, s_i, best_v, best_i, l_i
+
+
+@triton.jit
+def _grouped_update(logit, k0, rows, m_i, s_i, best_v, best_g, seed):
+    """As :func:`_online_update` (without the logit at z_t, read once by the caller) for the logits
+    kernel's draw by groups (module docstring): the
+    Gumbel-argmax is over the groups' log-masses ``log2(sum of exp2(logit))`` (one Gumbel per
+    group, stream 2), ``best_g`` a global group index. The tile is one block of
+    ``BLOCK_K = 128 NJ`` ids; its group ``j`` holds ids ``k0 + 16 NJ a + 16 j + l`` (a < 8,
+    l < 16), so that the threads laid along the ids each hold a group's ids for themselves."""
+    BLOCK_M: tl.constexpr = logit.shape[0]
+    NJ: tl.constexpr = logit.shape[1] // _GROUP
+    m_new = tl.maximum(m_i, tl.max(logit, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp2(logit - m_ref[:, None])
+    g_mass = tl.sum(tl.sum(tl.reshape(e, (BLOCK_M, 8, NJ, 16)), 1), 2)   # (BLOCK_M, NJ), relative to 2^m_ref
+    s_i = s_i * tl.exp2(m_i - m_ref) + tl.sum(g_mass, 1)
+    g = (k0 // logit.shape[1]) * NJ + tl.arange(0, NJ)
+    c0 = g[None, :] + rows[:, None] * 0
+    r0, _, _, _ = tl.philox(seed, c0, rows[:, None] + g[None, :] * 0, c0 * 0 + 2, c0 * 0)
+    score = m_ref[:, None] + lg2_approx(g_mass) - lg2_approx(exponential32_log2e(r0))
+    blk_v = tl.max(score, 1)
+    blk_g = tl.argmax(score, 1).to(tl.int32) + (k0 // logit.shape[1]) * NJ
+    take = blk_v > best_v
+    best_g = tl.where(take, blk_g, best_g)
+    best_v = tl.where(take, blk_v, best_v)
+    return m_new, s_i, best_v, best_g
+
+
+@triton.jit
+def _draw_in_group(base, rows, rmask, best_g, cut, K, seed, BLOCK_K: tl.constexpr):
+    """Second pass of the draw by groups: Gumbel-argmax (stream 0, the per-id noise) over the
+    128 logits of each row's chosen group (ids ``k0 + 16 NJ a + 16 j + l``), re-read."""
+    NJ: tl.constexpr = BLOCK_K // _GROUP
+    q = tl.arange(0, _GROUP // 4)                             # quads of ids (a, l // 4)
+    first = (best_g // NJ) * BLOCK_K + (best_g % NJ) * 16      # (BLOCK_M,) the group's first id
+    quad = first[:, None] + (q // 4)[None, :] * (16 * NJ) + (q % 4)[None, :] * 4
+    ids = tl.reshape(tl.join(tl.join(quad, quad + 2), tl.join(quad + 1, quad + 3)), (quad.shape[0], _GROUP))
+    ok = rmask[:, None] & (ids < K)
+    raw = tl.load(base + ids, mask=ok, other=0.0).to(tl.float32)
+    logit = tl.where(ok & (raw >= cut[:, None]), raw * _LOG2E, float("-inf"))
+    score = logit + _gumbel_words(seed, quad // 4, rows[:, None] + quad * 0, quad.shape[0], _GROUP)
+    return tl.max(tl.where(score == tl.max(score, 1)[:, None], ids, -1), 1)
 
 
 @triton.jit
@@ -152,8 +214,15 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
         else:
             raw_s = raw
         logit = tl.where(cmask[None, :] & (raw >= cut[:, None]), raw_s, float("-inf"))
-        m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
-                                                       FINAL)
+        if FINAL == 2:
+            m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i,
+                                                           seed, FINAL)
+        else:
+            m_i, s_i, best_v, best_i = _grouped_update(logit, k0, rows, m_i, s_i, best_v, best_i, seed)
+    if FINAL != 2:
+        best_i = _draw_in_group(base, rows, rmask, best_i, cut, K, seed, BLOCK_K)
+        raw_zt = tl.load(base + zt[:, None], mask=rmask[:, None], other=0.0).to(tl.float32)   # the logit at z_t,
+        l_i = tl.sum(tl.where(raw_zt >= cut[:, None], raw_zt * _LOG2E, float("-inf")), 1)    # as the pass rounds it
     _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
 
 
@@ -238,20 +307,30 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
+def draw_block(K: int) -> int:
+    """The id block of the logits kernel's draw by groups, a function of K alone (so the draws do
+    not depend on the launch configuration): ``128 NJ`` ids, NJ groups of 128."""
+    return min(2048, triton.next_power_of_2(max(K, _GROUP.value)))
+
+
 def logits_blocks(K: int, interpret: bool | None = None) -> tuple[int, int]:
-    """(BLOCK_M rows, BLOCK_K vocabulary chunk) of the logits kernel: tiles of 4k-8k elements
-    on a GPU. The interpreter (TRITON_INTERPRET=1) runs programs one after another in Python,
-    so there it gets tiles of 64k elements (fewer programs, same results: the noise is keyed
-    by row and vocabulary index, not by tile)."""
+    """(BLOCK_M rows, BLOCK_K ids) of the logits kernel; BLOCK_K is :func:`draw_block`. A GPU
+    gets tiles of 4k-8k elements; the interpreter (TRITON_INTERPRET=1) runs programs one after
+    another in Python, so there it gets tiles of 64k elements (fewer programs, same results)."""
     if interpret is None:
         interpret = interpreting()
+    block_k = draw_block(K)
     if interpret:
-        block_k = min(2048, triton.next_power_of_2(max(K, 16)))
         return max(1, min(1024, 65536 // block_k)), block_k
-    # a small menu of GPU configurations (each one is compiled and checked for sm_90 in CI)
-    block_k = 2048 if K >= 2048 else 1024 if K >= 512 else 128 if K >= 64 else 16
-    # 8192-element tiles with 8 warps (block_k 2048), 4096 with 4: 32 logits per thread, no spills
-    return max(1, min(64, (8192 if block_k >= 2048 else 4096) // block_k)), block_k
+    # (each configuration is compiled and checked for sm_90 in CI): 4 rows, 32 logits per thread
+    # (8 warps at block_k 2048): no spills; more rows would make the second pass's tile of
+    # rows x 128 re-read logits and their noise spill at small K
+    return 4, block_k
+
+
+def _logits_warps(block_m: int, block_k: int) -> int:
+    """Warps of a logits-kernel launch: 32 logits per thread, 1 to 8 warps."""
+    return max(1, min(8, block_m * block_k // 1024))
 
 
 def linear_blocks(N: int, K: int, D: int, interpret: bool | None = None, ieee: bool = False) -> tuple[int, int, int]:
@@ -304,7 +383,7 @@ def nucleus_cut_fwd(logits: torch.Tensor, top_p: float, blocks: tuple[int, int] 
     block_m, block_k = blocks or logits_blocks(K)
     _nucleus_cut_kernel[(triton.cdiv(N, block_m),)](logits, logits.stride(0), cut, N, K, float(top_p),
                                                      BLOCK_M=block_m, BLOCK_K=block_k,
-                                                     num_warps=8 if block_k >= 2048 else 4)
+                                                     num_warps=_logits_warps(block_m, block_k))
     return cut
 
 
@@ -323,12 +402,14 @@ def sample_posterior_fwd(logits: torch.Tensor, zt: torch.Tensor, a_s: torch.Tens
     if N == 0:
         return out
     block_m, block_k = blocks or logits_blocks(K)
+    if block_k != draw_block(K):
+        raise ValueError(f"BLOCK_K must be draw_block(K) = {draw_block(K)} (the draw's groups), got {block_k}")
     seed, seed_ptr = _seed_args(seed, logits.device)
     _sample_posterior_kernel[(triton.cdiv(N, block_m),)](
         logits, logits.stride(0), zt, a_s, a_t, kappa if kappa is not None else a_t,
         cut if cut is not None else a_t, out, N, K, seed, seed_ptr if seed_ptr is not None else zt, FINAL=final,
         USE_PSI=kappa is not None, HAS_CUT=cut is not None, SEED_FROM_PTR=seed_ptr is not None, BLOCK_M=block_m,
-        BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+        BLOCK_K=block_k, num_warps=_logits_warps(block_m, block_k))
     return out
 
 

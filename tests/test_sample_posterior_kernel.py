@@ -1,6 +1,7 @@
-"""The Triton posterior-sampling kernels (kernels/sample_posterior.py): the fused-linear kernel
-equals the logits kernel, results do not depend on block sizes, the random streams are
-independent, inputs are checked, and every configuration compiles for Hopper (sm_90)."""
+"""The Triton posterior-sampling kernels (kernels/sample_posterior.py): both kernels draw the
+exact posterior, the greedy fused-linear kernel equals the logits kernel, results do not depend
+on block sizes, the random streams are independent, inputs are checked, and every configuration
+compiles for Hopper (sm_90)."""
 
 from __future__ import annotations
 
@@ -34,22 +35,48 @@ def _exact_linear_inputs(N, K, D, dtype):
     return h.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
 
 
-# every shape, dtype and flag appears (not the full cross product, to keep the interpreter time down)
-@pytest.mark.parametrize("N,K,D,dtype,final,psi,bias", [
-    (50, 37, 20, torch.float32, 0, False, True), (70, 130, 40, torch.bfloat16, 0, True, True),
-    (16, 7, 64, torch.float32, 2, False, True), (50, 37, 20, torch.bfloat16, 1, False, False),
-    (70, 130, 40, torch.float32, 1, True, False), (16, 7, 64, torch.bfloat16, 2, False, True)])
-def test_linear_kernel_equals_logits_kernel(N, K, D, dtype, final, psi, bias):
+# every shape, dtype and bias flag appears (not the full cross product, to keep the interpreter time down)
+@pytest.mark.parametrize("N,K,D,dtype,bias", [(50, 37, 20, torch.float32, True), (70, 130, 40, torch.bfloat16, True),
+                                              (16, 7, 64, torch.float32, False), (50, 300, 20, torch.bfloat16, False)])
+def test_greedy_linear_kernel_equals_logits_kernel(N, K, D, dtype, bias):
     h, w, b = _exact_linear_inputs(N, K, D, dtype)
     logits = (h.float() @ w.float().T + (b.float() if bias else 0)).contiguous()
     zt = torch.randint(0, K, (N,), device=DEVICE)
     a_s, a_t = _rows(N)
-    kappa = torch.full((N,), 0.3, dtype=torch.float64, device=DEVICE) if psi else None
-    via_logits = sample_posterior_fwd(logits, zt, a_s, a_t, kappa, 1234, final)
-    fused = sample_posterior_linear_fwd(h, w, b if bias else None, zt, a_s, a_t, kappa, 1234, final)
+    via_logits = sample_posterior_fwd(logits, zt, a_s, a_t, None, 1234, 2)
+    fused = sample_posterior_linear_fwd(h, w, b if bias else None, zt, a_s, a_t, None, 1234, 2)
     assert torch.equal(via_logits, fused)
-    if final == 2:
-        assert torch.equal(fused, logits.argmax(-1))
+    assert torch.equal(fused, logits.argmax(-1))
+
+
+# The two kernels draw differently (one Gumbel per id in the fused-linear kernel, one per group
+# and one per id of the chosen group in the logits kernel): both against the exact posterior.
+@pytest.mark.parametrize("kernel", ["logits", "linear"])
+@pytest.mark.parametrize("final,psi", [(0, True), (1, False)])
+def test_both_kernels_draw_the_exact_posterior(kernel, final, psi):
+    K, D, n = 300, 16, 20_000                   # three groups of the logits kernel, the last one partial
+    g = torch.Generator().manual_seed(final)
+    h = torch.randn(1, D, generator=g)
+    w = torch.randn(K, D, generator=g) * 0.3
+    w[256:] += 0.2 * h                          # group masses about 0.13, 0.16, 0.7 (the last one partial)
+    logits = (h @ w.T)[0]
+    i = int(logits.argmax())
+    a_s, a_t = (1.0, 1e-6) if final == 1 else (0.7, 0.4)
+    kappa = 0.3 if psi else None
+    x = logits.double().softmax(-1)[None, None]
+    zt = torch.tensor([[i]])
+    exact = ref.posterior_ref(x, zt, a_s, a_t)[0, 0]
+    if psi:
+        exact = kappa * exact + (1 - kappa) * (a_s * ref.posterior_ref(x, zt, 1.0, a_t)[0, 0] + (1 - a_s) / K)
+    rows = torch.full((n,), i, device=DEVICE)
+    s_, t_ = (torch.full((n,), v, dtype=torch.float64, device=DEVICE) for v in (a_s, a_t))
+    kap = torch.full((n,), kappa, dtype=torch.float64, device=DEVICE) if psi else None
+    if kernel == "logits":
+        draws = sample_posterior_fwd(logits.expand(n, K).contiguous().to(DEVICE), rows, s_, t_, kap, 77, final)
+    else:
+        draws = sample_posterior_linear_fwd(h.expand(n, D).contiguous().to(DEVICE), w.to(DEVICE), None, rows, s_, t_,
+                                            kap, 77, final)
+    assert chi_square_pvalue(draws.cpu(), exact) > 1e-3
 
 
 @pytest.mark.parametrize("K", [5, 300, 2500])
@@ -59,7 +86,8 @@ def test_results_do_not_depend_on_block_sizes(K):
     zt = torch.randint(0, K, (N,), device=DEVICE)
     a_s, a_t = _rows(N)
     base = sample_posterior_fwd(logits, zt, a_s, a_t, None, 7, 0)
-    for blocks in ([(1, 16)] if K <= 300 else []) + [(4, 64), (16, 1024)]:
+    bk = sp_kernels.draw_block(K)
+    for blocks in [(1, bk), (2, bk), (16, bk), sp_kernels.logits_blocks(K, interpret=False)]:   # the last: a GPU launch
         assert torch.equal(sample_posterior_fwd(logits, zt, a_s, a_t, None, 7, 0, blocks=blocks), base), blocks
 
 
