@@ -126,3 +126,26 @@ def test_the_posterior_kernel_draws_far_below_the_top():
         got += int((out == 1).sum())
     p = math.exp(-8) / (1 + math.exp(-8))
     assert _poisson_ok(got, 3 * n * p), (got, 3 * n * p)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+                    reason="Triton needs CUDA or the interpreter")
+def test_the_logits_kernel_draws_a_far_group_at_its_rate():
+    """The logits kernel's two-level draw (docs/math.md section 2): K = 256 is two interleaved
+    groups of 128; the top id sits in one, every id of the other is 12 nats below it, so that
+    group is drawn through the group Gumbel's tail at rate 128 e^-12 / (1 + 127 e^-12 + 128 e^-12)
+    (about 8e-4 per draw, 80 in 100k)."""
+    from duo_fast.kernels.sample_posterior import draw_block
+    from duo_fast.ops import sample_posterior
+
+    K, n = 256, 100_000
+    assert draw_block(K) == K                      # one block, NJ = 2: group j holds ids 32a + 16j + l
+    far = (torch.arange(K) % 32) >= 16             # group 1
+    row = torch.full((K,), -12.0)
+    row[0] = 0.0                                   # the top, in group 0
+    logits = row.expand(1, n, K).contiguous().to(DEVICE)
+    zt = torch.zeros(1, n, dtype=torch.long, device=DEVICE)
+    out = sample_posterior(logits, zt, 1.0, 1e-9, seed=5, impl="triton", final="ancestral").cpu()
+    p = 128 * math.exp(-12) / (1 + 255 * math.exp(-12))
+    got = int(far[out[0]].sum())
+    assert _poisson_ok(got, n * p), (got, n * p)
