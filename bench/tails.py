@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import torch
@@ -41,6 +42,9 @@ def main() -> int:
                                final="ancestral", impl=args.impl)
         hits += int((out != 7).sum())
         done += n
+        print(f"\r{done:,}/{args.draws:,} draws, {hits} non-top, {time.perf_counter() - t0:.0f} s", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
     mean = args.draws * p
     ok = abs(hits - mean) <= 4 * math.sqrt(mean)
     print(f"K={K}, gap {args.gap} nats, {args.draws:,} draws ({args.impl}, {time.perf_counter() - t0:.0f} s): "
