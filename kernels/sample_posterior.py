@@ -190,7 +190,11 @@ def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr,
     tl.store(out_ptr + rows, out.to(tl.int64), mask=rmask)
 
 
-@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
+# one compile whatever the seed; the row stride is not specialised either, so rows are never
+# taken as 16-byte aligned: scalar loads, with each thread holding ids 256 apart, whatever K is
+# (the layout the interleaved groups are summed in without shuffles; vectorised rows would put
+# a group across warps: 4.8 instead of 3.2 ms at the small preset, cost model)
+@triton.jit(do_not_specialize=["seed", "stride_n"])
 def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kappa_ptr, cut_ptr, out_ptr, N, K,
                              seed: tl.int64, seed_ptr, FINAL: tl.constexpr, USE_PSI: tl.constexpr,
                              HAS_CUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
