@@ -114,3 +114,25 @@ print("specialisations equal:", n)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "specialisations equal: 6" in proc.stdout
+
+
+
+def test_the_logits_kernel_does_not_specialise_on_the_row_stride():
+    """Aligned rows (a stride that is a multiple of 8 bf16) would be vectorised, which lays the
+    draw's interleaved groups across warps (kernels/sample_posterior.py): the compile must be the
+    same whatever the stride."""
+    code = r'''
+import torch
+from duo_fast.kernels import cost_model as cm, sample_posterior as sp
+
+def key(stride):
+    logits = cm._meta(64, stride, dtype=torch.bfloat16)[:, :1000]
+    zt, a = cm._meta(64, dtype=torch.int64), cm._meta(64, dtype=torch.float64)
+    (launch,) = cm.capture_launches(lambda: sp.sample_posterior_fwd(logits, zt, a, a, None, 5, 0))
+    return cm.specialization_key(launch)
+
+print("same:", key(1000) == key(1001) == key(1024))
+'''
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "same: True" in proc.stdout
