@@ -47,8 +47,9 @@ from ._common import exponential32_log2e, interpreting, lg2_approx, linear_tile
 __all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks",
            "draw_block"]
 
-_GUMBEL_STREAM = 0
-_MIX_STREAM = 1
+_GUMBEL_STREAM = tl.constexpr(0)   # Philox counter word 2 of each stream (module docstring)
+_MIX_STREAM = tl.constexpr(1)
+_GROUP_STREAM = tl.constexpr(2)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _GROUP = tl.constexpr(128)          # ids per group of the logits kernel's two-level draw
 
@@ -71,7 +72,7 @@ def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.cons
         w_model = kappa * w_model + (1.0 - kappa) * a_s * (1.0 - a_t) / z0
         w_unif = kappa * w_unif + (1.0 - kappa) * (1.0 - a_s)
     zero = row * 0
-    r0, r1, r2, _ = tl.philox(seed, zero, row, zero + 1, zero)      # stream 1: per-row draws
+    r0, r1, r2, _ = tl.philox(seed, zero, row, zero + _MIX_STREAM, zero)      # per-row draws
     hi = (r0 >> 5).to(tl.int64)                                     # 27 bits
     lo = (r1 >> 6).to(tl.int64)                                     # 26 bits
     u = ((hi * 67108864 + lo).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)
@@ -83,7 +84,7 @@ def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.cons
 def _gumbel_words(seed, c0, c1, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Gumbel noise in base 2 (``-log2(log2(e) E)``, float32) of a (BLOCK_M, BLOCK_K) tile whose
     column ``4j + t`` takes word ``t`` of Philox counter ``(c0[:, j], c1[:, j], 0, 0)``."""
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + _GUMBEL_STREAM, c0 * 0)
     g0 = -lg2_approx(exponential32_log2e(r0))
     g1 = -lg2_approx(exponential32_log2e(r1))
     g2 = -lg2_approx(exponential32_log2e(r2))
@@ -132,6 +133,17 @@ def _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, see
 
 
 @triton.jit
+def _drawn_logit(raw, ok, cut, FINAL: tl.constexpr):
+    """The logit the logits kernel's draw sees, the same bits in both passes and at z_t: times
+    log2(e) (not when greedy), -inf where not ``ok`` or below the row's nucleus ``cut``."""
+    if FINAL != 2:
+        scaled = raw * _LOG2E
+    else:
+        scaled = raw
+    return tl.where(ok & (raw >= cut[:, None]), scaled, float("-inf"))
+
+
+@triton.jit
 def _grouped_update(logit, k0, rows, m_i, s_i, best_v, best_g, seed):
     """As :func:`_online_update` (without the logit at z_t, read once by the caller) for the logits
     kernel's draw by groups (module docstring): the
@@ -148,7 +160,7 @@ def _grouped_update(logit, k0, rows, m_i, s_i, best_v, best_g, seed):
     s_i = s_i * tl.exp2(m_i - m_ref) + tl.sum(g_mass, 1)
     g = (k0 // logit.shape[1]) * NJ + tl.arange(0, NJ)
     c0 = g[None, :] + rows[:, None] * 0
-    r0, _, _, _ = tl.philox(seed, c0, rows[:, None] + g[None, :] * 0, c0 * 0 + 2, c0 * 0)
+    r0, _, _, _ = tl.philox(seed, c0, rows[:, None] + g[None, :] * 0, c0 * 0 + _GROUP_STREAM, c0 * 0)
     score = m_ref[:, None] + lg2_approx(g_mass) - lg2_approx(exponential32_log2e(r0))
     blk_v = tl.max(score, 1)
     blk_g = tl.argmax(score, 1).to(tl.int32) + (k0 // logit.shape[1]) * NJ
@@ -169,7 +181,7 @@ def _draw_in_group(base, rows, rmask, best_g, cut, K, seed, BLOCK_K: tl.constexp
     ids = tl.reshape(tl.join(tl.join(quad, quad + 2), tl.join(quad + 1, quad + 3)), (quad.shape[0], _GROUP))
     ok = rmask[:, None] & (ids < K)
     raw = tl.load(base + ids, mask=ok, other=0.0).to(tl.float32)
-    logit = tl.where(ok & (raw >= cut[:, None]), raw * _LOG2E, float("-inf"))
+    logit = _drawn_logit(raw, ok, cut, 0)
     score = logit + _gumbel_words(seed, quad // 4, rows[:, None] + quad * 0, quad.shape[0], _GROUP)
     return tl.max(tl.where(score == tl.max(score, 1)[:, None], ids, -1), 1)
 
@@ -213,11 +225,7 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
         raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        if FINAL != 2:
-            raw_s = raw * _LOG2E
-        else:
-            raw_s = raw
-        logit = tl.where(cmask[None, :] & (raw >= cut[:, None]), raw_s, float("-inf"))
+        logit = _drawn_logit(raw, cmask[None, :], cut, FINAL)
         if FINAL == 2:
             m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i,
                                                            seed, FINAL)
@@ -225,8 +233,8 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
             m_i, s_i, best_v, best_i = _grouped_update(logit, k0, rows, m_i, s_i, best_v, best_i, seed)
     if FINAL != 2:
         best_i = _draw_in_group(base, rows, rmask, best_i, cut, K, seed, BLOCK_K)
-        raw_zt = tl.load(base + zt[:, None], mask=rmask[:, None], other=0.0).to(tl.float32)   # the logit at z_t,
-        l_i = tl.sum(tl.where(raw_zt >= cut[:, None], raw_zt * _LOG2E, float("-inf")), 1)    # as the pass rounds it
+        raw_zt = tl.load(base + zt[:, None], mask=rmask[:, None], other=0.0).to(tl.float32)
+        l_i = tl.sum(_drawn_logit(raw_zt, rmask[:, None], cut, FINAL), 1)           # the logit at z_t
     _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K, FINAL, USE_PSI)
 
 
