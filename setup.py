@@ -5,7 +5,7 @@
   importable at build time (``pip install --no-build-isolation``): a CPU extension, plus the
   CUDA kernel when torch has CUDA and nvcc is found. Otherwise (``pip install .``, whose isolated
   build cannot see torch) the sources are installed as ``duo_fast.csrc`` and compiled on first
-  use (``duo_fast/_ext.py``). ``DUO_FAST_SKIP_EXT=1`` skips the prebuild; ``DUO_FAST_SKIP_CUDA=1``
+  use (``duo_fast/ops/extension.py``). ``DUO_FAST_SKIP_EXT=1`` skips the prebuild; ``DUO_FAST_SKIP_CUDA=1``
   builds CPU only.
 """
 
@@ -41,11 +41,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["duo_fast", "duo_fast.model", "duo_fast.ops", "duo_fast.data", "duo_fast.bench", "duo_fast.kernels",
-              "duo_fast.csrc"],
+    packages=["duo_fast", "duo_fast.core", "duo_fast.ops", "duo_fast.model", "duo_fast.data", "duo_fast.io",
+              "duo_fast.sampling", "duo_fast.eval", "duo_fast.training", "duo_fast.tools", "duo_fast.bench",
+              "duo_fast.kernels", "duo_fast.csrc"],
     package_dir={"duo_fast": "duo_fast", "duo_fast.kernels": "kernels", "duo_fast.csrc": "csrc"},
     # the C++ sources ship too: an install that cannot prebuild the op compiles them on first use
-    package_data={"duo_fast.data": ["jargon.txt.gz"], "duo_fast": ["configs/*.json"],
+    package_data={"duo_fast.data": ["jargon.txt.gz"], "duo_fast.training": ["configs/*.json"],
                   "duo_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -19,7 +19,7 @@ import torch
 from duo_fast import TTable
 from duo_fast.bench.common import environment, print_table, time_fn, write_json
 from duo_fast.bench.reference_paths import reference_ttable_lookup
-from duo_fast.ttable import lookup_backend, p_and_derivative
+from duo_fast.ops.ttable import lookup_backend, p_and_derivative
 
 
 def run(device: torch.device, n: int, K: int, repeats: int) -> dict:

@@ -20,7 +20,7 @@ for v in $VERSIONS; do
     "$venv/bin/pip" install -q "triton==$v" "numpy<2.4" scipy pytest
     DUO_FAST_SKIP_EXT=1 "$venv/bin/pip" install -q --no-deps --no-build-isolation -e .
   fi
-  if env -u TRITON_INTERPRET DUO_FAST_NO_JIT=1 "$venv/bin/python" -m duo_fast.kernels.compile_check --jobs 2 \
+  if env -u TRITON_INTERPRET DUO_FAST_NO_JIT=1 "$venv/bin/python" -m duo_fast.tools.compile_check --jobs 2 \
        > "$ROOT/compile-$v.log" 2>&1; then
     echo "compile: $(tail -n 1 "$ROOT/compile-$v.log")"
   else

@@ -11,18 +11,20 @@ The public API (everything else lives in its module and may change):
   ``sample_posterior``, ``sample_posterior_linear`` (also as ``duo_fast.ops``);
 * ``train(TrainConfig(...))``: the training loop (curriculum, then discrete Duo).
 
-Layout: ``duo_fast.reference`` (the plain-PyTorch math, the oracle of every test),
-``duo_fast.ops`` (dispatch), ``duo_fast.kernels`` (Triton), ``duo_fast.model`` (the denoiser),
-``duo_fast.cli`` (``duo-fast``). See README.md and docs/.
+Layout (docs/architecture.md), lowest layer first: ``kernels`` (Triton), ``core`` (devices, noise
+schedules, draws, seeds), ``ops`` (the operators and the backend registry), ``model`` (the
+denoiser), ``data``, ``io`` (HF folders, ``.ckpt`` files), ``sampling``, ``eval``, ``training``,
+``tools`` (cost model, compile check), ``bench``, ``cli`` (``duo-fast``); ``reference`` is the
+plain-PyTorch oracle of the tests, imported by no production module.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import ops
-from .ops import coupled_latents, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
-from .ttable import TTable
+from duo_fast import ops
+from duo_fast.ops import coupled_latents, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
+from duo_fast.ops.ttable import TTable
 
 __version__ = "0.1.0"
 __all__ = ["load_pretrained", "generate", "SamplerConfig", "TTable", "rb_loss", "rb_loss_linear",
@@ -30,9 +32,9 @@ __all__ = ["load_pretrained", "generate", "SamplerConfig", "TTable", "rb_loss", 
            "TrainConfig", "ops", "__version__"]
 
 # imported on first use: the training stack (DeepSpeed, datasets) and the loaders are heavy
-_LAZY = {"load_pretrained": ("pretrained", "load_pretrained"), "generate": ("sampling", "generate"),
-         "SamplerConfig": ("sampling", "SamplerConfig"), "train": ("train", "train"),
-         "TrainConfig": ("train", "TrainConfig")}
+_LAZY = {"load_pretrained": ("io.pretrained", "load_pretrained"), "generate": ("sampling", "generate"),
+         "SamplerConfig": ("sampling", "SamplerConfig"), "train": ("training", "train"),
+         "TrainConfig": ("training", "TrainConfig")}
 
 
 def __getattr__(name: str) -> Any:

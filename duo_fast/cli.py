@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +77,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, presets: dict[str
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import TRAIN_PRESETS, TrainConfig
+    from duo_fast.training.duo import TRAIN_PRESETS, TrainConfig
 
     p = sub.add_parser("train", help="train a Duo model (curriculum, then discrete USDM)",
                        description="Train a Duo denoiser. Values come from the dataclass defaults (the public "
@@ -87,7 +86,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    from .distill import DISTILL_PRESETS, DistillConfig
+    from duo_fast.training.dcd import DISTILL_PRESETS, DistillConfig
 
     p = sub.add_parser("distill", help="Discrete Consistency Distillation of a trained model (few-step sampling)",
                        description="Distil a Duo model with DCD. Values come from the dataclass defaults (the public "
@@ -111,24 +110,26 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="show a progress bar (only on a terminal)")
 
 
-_SAMPLER_DEFAULTS = {"steps": 8, "top_p": 1.0, "noise_removal": "greedy", "schedule": "loglinear"}
-
-
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    from .psi import PSI_PRESETS, PsiConfig
+    """The sampler's flags: one per flag field of ``SamplerConfig`` (its help, choices and default),
+    then the Psi flags."""
+    from duo_fast.sampling.config import flag_fields
+    from duo_fast.sampling.psi import PSI_PRESETS, PsiConfig
 
-    d = _SAMPLER_DEFAULTS
-    p.add_argument("--steps", type=int, default=None, help=f"denoiser calls before the final step (default {d['steps']})")
-    p.add_argument("--batch", type=int, default=16, help="sequences sampled in parallel")
+    for f in flag_fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = f.metadata["default_text"] or f.default
+        typ = f.metadata["type"] or _TYPES.get(str(f.type), str)
+        if typ is bool:
+            # a boolean flag's default is its own (never taken from a Psi preset)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            # None: not given (a --psi-preset's value, else the default, fills it in: _check_sample_flags)
+            p.add_argument(flag, dest=f.name, type=typ, default=None, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']} (default {default})")
     p.add_argument("--num-samples", type=int, default=None,
                    help="total samples (default: one batch; with --prompt-file: per prompt, default 1)")
-    p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's)")
-    p.add_argument("--schedule", choices=["loglinear", "cosine"], default=None,
-                   help=f"noise schedule of the time grid (default {d['schedule']})")
-    p.add_argument("--noise-removal", choices=["greedy", "ancestral", "none"], default=None,
-                   help="final step at t_min: argmax (Greedy-Tail), posterior with alpha_s = 1, or nothing "
-                        f"(default {d['noise_removal']})")
-    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling of x_theta (default {d['top_p']}: off)")
     p.add_argument("--psi-kappa", default=None,
                    help="Psi sampler: kappa (one value) or START,END (linear over the steps); 1 is ancestral")
     dp = PsiConfig()
@@ -146,10 +147,6 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--psi-{phase}-frac", type=float, default=None,
                        help=f"sampling.psi.{phase}_frac: fraction of the times in the {phase} phase "
                             f"(default {getattr(dp, phase + '_frac')})")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="draws fused with the output projection (--no-fused: write the logits and sample from them)")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, capture the step loop in a CUDA graph (--no-cuda-graph: run it eagerly)")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -170,7 +167,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import EVAL_DATASETS
+    from duo_fast.data.eval_sets import EVAL_DATASETS
 
     p = sub.add_parser("eval", help="perplexity (RB NELBO) on a dataset, and/or generative perplexity of samples")
     _add_checkpoint_args(p)
@@ -221,7 +218,7 @@ def _add_env(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from .environment import environment, print_environment
+    from duo_fast.environment import environment, print_environment
 
     info = environment(_check_device(args.device))
     if args.json:
@@ -335,7 +332,7 @@ def config_from_args(args: argparse.Namespace, cls: type, presets: dict[str, dic
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
-    from .train import TRAIN_PRESETS, TrainConfig
+    from duo_fast.training.duo import TRAIN_PRESETS, TrainConfig
 
     return config_from_args(args, TrainConfig, TRAIN_PRESETS)
 
@@ -347,7 +344,7 @@ def _launcher_rank(args: argparse.Namespace) -> None:
 
 
 def _check_device(name: str) -> Any:
-    from .devices import resolve_device
+    from duo_fast.core.devices import resolve_device
 
     try:
         return resolve_device(name)
@@ -356,7 +353,7 @@ def _check_device(name: str) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from duo_fast.training.duo import train
 
     _launcher_rank(args)
     cfg = train_config_from_args(args)
@@ -372,7 +369,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from .distill import DISTILL_PRESETS, DistillConfig, distill
+    from duo_fast.training.dcd import DISTILL_PRESETS, DistillConfig, distill
 
     _launcher_rank(args)
     cfg = config_from_args(args, DistillConfig, DISTILL_PRESETS)
@@ -386,8 +383,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(model, info, tokenizer or None, device) for ``sample`` and ``eval``."""
-    from .data import check_tokenizer_vocab
-    from .pretrained import CheckpointError, describe, load_pretrained
+    from duo_fast.data import check_tokenizer_vocab
+    from duo_fast.io.pretrained import CheckpointError, describe, load_pretrained
 
     device = _check_device(args.device)
     try:
@@ -423,7 +420,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
 def _tokenizer(name: str, vocab: int) -> Any:
     """A tokenizer by name, with one line when a hub name cannot be reached."""
-    from .data import get_tokenizer
+    from duo_fast.data import get_tokenizer
 
     try:
         return get_tokenizer(name, vocab)
@@ -445,20 +442,18 @@ def _kappa(text: str | None) -> tuple[float, float] | None:
 
 def _check_sample_flags(args: argparse.Namespace) -> None:
     """Every sampling flag, before the model is loaded: fills in the preset's and the default
-    values, and ``args.psi`` (a PsiConfig or None)."""
-    from .psi import PSI_PRESETS, PsiConfig
+    values, ``args.psi`` (a PsiConfig or None) and ``args.kappa``, and checks them as
+    ``SamplerConfig`` does (its messages, naming the flag)."""
+    from duo_fast.sampling.config import SamplerConfigError, flag_fields
+    from duo_fast.sampling.psi import PSI_PRESETS, PsiConfig
 
     preset = PSI_PRESETS.get(args.psi_preset or "", {})
-    for name, default in _SAMPLER_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, default))
-    for flag, v in (("--steps", args.steps), ("--batch", args.batch), ("--num-samples", args.num_samples),
-                    ("--length", args.length)):
-        if v is not None and v < 1:
-            _fail(f"{flag} must be >= 1, got {v}")
-    if not 0 < args.top_p <= 1:
-        _fail(f"--top-p must be in (0, 1], got {args.top_p}")
-    _kappa(args.psi_kappa)
+    for f in flag_fields():
+        if getattr(args, f.name) is None and f.default is not None:
+            setattr(args, f.name, preset.get(f.name, f.default))
+    if args.num_samples is not None and args.num_samples < 1:
+        _fail(f"--num-samples must be >= 1, got {args.num_samples}")
+    args.kappa = _kappa(args.psi_kappa)
     fields = {"time_profile": args.psi_time_profile, "high_mode": args.psi_high_mode,
               "middle_mode": args.psi_middle_mode, "low_mode": args.psi_low_mode, "high_frac": args.psi_high_frac,
               "middle_frac": args.psi_middle_frac}
@@ -475,8 +470,15 @@ def _check_sample_flags(args: argparse.Namespace) -> None:
                                                                "psi_low_mode", "psi_high_frac", "psi_middle_frac")
                          if k[4:] in str(e)), "--psi-*")
             _fail(f"{flag}: {e}")
+    try:
+        _sampler_config(args, args.batch, args.seed)
+    except SamplerConfigError as e:
+        flag = {"kappa": "--psi-kappa"}.get(e.field, "--" + e.field.replace("_", "-"))
+        _fail(f"{flag} {e.detail}")
     if getattr(args, "infill", None) is not None:
-        _infill_pieces(args.infill)
+        from duo_fast.sampling.conditioning import infill_pieces
+
+        _conditioning_call(lambda: infill_pieces(args.infill))
     pf = getattr(args, "prompt_file", None)
     if pf is not None and not Path(pf).is_file():
         _fail(f"--prompt-file {pf}: no such file")
@@ -485,60 +487,34 @@ def _check_sample_flags(args: argparse.Namespace) -> None:
         _fail(f"--out {out} is a folder; give a file name for the JSONL")
 
 
-_GAP = re.compile(r"\[GAP:([^\]]*)\]")
+def _sampler_config(args: argparse.Namespace, batch: int, seed: int) -> Any:
+    """The ``SamplerConfig`` of the checked flags (``_check_sample_flags``) for one batch."""
+    from duo_fast.sampling.config import SamplerConfig, flag_fields
+
+    return SamplerConfig(batch=batch, seed=seed, kappa=args.kappa, psi=args.psi,
+                         **{f.name: getattr(args, f.name) for f in flag_fields() if f.name != "batch"})
 
 
-def _infill_pieces(template: str) -> list[str | int]:
-    """``"The [GAP:12] of the [GAP:5]."`` -> ["The", 12, " of the", 5, "."] (one line on a bad template)."""
-    pieces: list[str | int] = []
-    pos = 0
-    for m in _GAP.finditer(template):
-        if m.start() > pos:
-            pieces.append(template[pos:m.start()])
-        if not m.group(1).isdigit() or int(m.group(1)) < 1:
-            _fail(f"--infill: a gap is written [GAP:N] with N >= 1 tokens, got {m.group(0)!r}")
-        pieces.append(int(m.group(1)))
-        pos = m.end()
-    if pos < len(template):
-        pieces.append(template[pos:])
-    if "[GAP" in "".join(p for p in pieces if isinstance(p, str)):
-        _fail("--infill: a gap is written [GAP:N] with N >= 1 tokens (a [GAP marker is malformed)")
-    if not any(isinstance(p, int) for p in pieces):
-        _fail("--infill: the template has no [GAP:N]; use --prompt to condition on a text without gaps")
-    return pieces
+def _conditioning_call(fn: Any) -> Any:
+    """Run a conditioning helper; its ValueError (a message naming the flag) becomes one line."""
+    try:
+        return fn()
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _conditions(args: argparse.Namespace, tokenizer: Any, length: int) -> list[dict]:
-    """The conditioning of each group of samples: [{"prefix": ids, "mask": bools or None, "row": JSONL fields}];
-    one unconditional group without --prompt/--prompt-file/--infill."""
+    """The conditioning groups of ``--prompt`` / ``--prompt-file`` / ``--infill`` (``sampling.conditioning``)."""
+    from duo_fast.sampling.conditioning import condition_groups
+
     prompt, pf, infill = getattr(args, "prompt", None), getattr(args, "prompt_file", None), getattr(args, "infill", None)
-    if prompt is None and pf is None and infill is None:
-        return [{"prefix": None, "mask": None, "row": {}}]
-    if tokenizer is None:
-        _fail("--prompt/--prompt-file/--infill need a tokenizer: pass --tokenizer")
-    bos = [tokenizer.bos_token_id] if args.prompt_bos and tokenizer.bos_token_id is not None else []
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    groups = []
-    if infill is not None:
-        ids, mask = list(bos), [True] * len(bos)
-        for piece in _infill_pieces(infill):
-            new = encode(piece) if isinstance(piece, str) else [0] * piece
-            ids += new
-            mask += [isinstance(piece, str)] * len(new)
-        groups.append({"prefix": ids, "mask": mask, "row": {"template": infill}})
-    else:
-        texts = [prompt] if prompt is not None else [x for x in Path(pf).read_text().splitlines() if x.strip()]
-        if not texts:
-            _fail(f"--prompt-file {pf}: no prompts (one per line)")
-        groups = [{"prefix": bos + encode(t), "mask": None, "row": {"prompt": t}} for t in texts]
-    for g in groups:
-        if len(g["prefix"]) > length:
-            what = "--infill template" if infill is not None else "prompt"
-            _fail(f"{what} is {len(g['prefix'])} tokens, longer than the sampled length {length} (see --length)")
-    return groups
+    prompts = None
+    if prompt is not None:
+        prompts = [prompt]
+    elif pf is not None:
+        prompts = [x for x in Path(pf).read_text().splitlines() if x.strip()]
+    return _conditioning_call(lambda: condition_groups(tokenizer, length, prompts, infill, getattr(args, "prompt_bos", True),
+                                                       source=f"--prompt-file {pf}"))
 
 
 def _check_json_target(path: str | None) -> None:
@@ -556,7 +532,7 @@ def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: A
 
     import torch
 
-    from .sampling import SamplerConfig, generate
+    from duo_fast.sampling import generate
 
     L = args.length or model.config.model_length
     groups = _conditions(args, tokenizer, L)
@@ -569,9 +545,7 @@ def _sample_rows(args: argparse.Namespace, model: Any, tokenizer: Any, device: A
         mask = None if g["mask"] is None else torch.tensor(g["mask"], dtype=torch.bool)
         for i in range(math.ceil(per_group / args.batch)):
             b = min(args.batch, per_group - i * args.batch)
-            scfg = SamplerConfig(steps=args.steps, batch=b, length=args.length, noise_removal=args.noise_removal,
-                                 schedule=args.schedule, top_p=args.top_p, kappa=_kappa(args.psi_kappa), psi=args.psi,
-                                 seed=args.seed + call, fused=args.fused, cuda_graph=args.cuda_graph)
+            scfg = _sampler_config(args, b, args.seed + call)
             call += 1
             ids, stats = generate(model, scfg, device=device, progress=_progress(args.progress),
                                   prefix=None if prefix is None else prefix.expand(b, -1),
@@ -607,8 +581,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.psi is not None:
         print(f"Psi sampler: {args.psi}")
     if args.top_p < 1:
-        from .ops._dispatch import use_triton
-        from .ops.posterior import NUCLEUS_METHOD
+        from duo_fast.ops.backends import use_triton
+        from duo_fast.ops.posterior import NUCLEUS_METHOD
 
         probe = next(model.parameters())
         print(f"nucleus top-p {args.top_p}: {NUCLEUS_METHOD['triton' if use_triton(probe) else 'torch']}")
@@ -625,7 +599,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import eval_blocks, eval_pad_id, evaluate_nelbo, generative_perplexity, unigram_entropy
+    from duo_fast.data.eval_sets import eval_blocks, eval_pad_id
+    from duo_fast.eval.gen_ppl import generative_perplexity, unigram_entropy
+    from duo_fast.eval.nelbo import evaluate_nelbo
 
     if args.gen_ppl_model:
         args.gen_ppl = True
@@ -697,7 +673,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench.suite import GROUPS, print_suite, run_suite
+    from duo_fast.bench.suite import GROUPS, print_suite, run_suite
     for flag, v in (("--repeats", args.repeats), ("--batch", args.batch), ("--length", args.length)):
         if v is not None and v < 1:
             _fail(f"{flag} must be >= 1, got {v}")
@@ -727,6 +703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = f"duo-fast {args.command}"
+        from duo_fast.ops.backends import check_environment
+
+        try:
+            check_environment()                 # DUO_FAST_IMPL, DUO_FAST_TTABLE_IMPL: one line, not ignored
+        except ValueError as e:
+            _fail(str(e))
         if args.launcher_local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
         commands = {"train": _cmd_train, "distill": _cmd_distill, "sample": _cmd_sample, "eval": _cmd_eval,

@@ -27,7 +27,7 @@ def _jit_kernels(module: str) -> set[str]:
 
 
 def test_every_kernel_has_configurations():
-    code = ("import json\nfrom duo_fast.kernels.compile_check import configurations\n"
+    code = ("import json\nfrom duo_fast.tools.compile_check import configurations\n"
             "print(json.dumps(sorted({(m, k) for m, k, *_ in configurations()})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # capturing needs the JIT functions
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -41,7 +41,7 @@ def test_every_kernel_has_configurations():
 @pytest.mark.parametrize("module", MODULES)
 def test_module_compiles_for_hopper(module):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the JIT reads it at import
-    out = subprocess.run([sys.executable, "-m", "duo_fast.kernels.compile_check", "--arch", "90", "--jobs", "2",
+    out = subprocess.run([sys.executable, "-m", "duo_fast.tools.compile_check", "--arch", "90", "--jobs", "2",
                           "--only", module], capture_output=True, text=True, env=env, timeout=1200)
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]

@@ -12,8 +12,9 @@ from conftest import chi_square_pvalue
 
 from duo_fast import reference as ref
 from duo_fast.model import DiT, DiTConfig
-from duo_fast.psi import PSI_PRESETS
-from duo_fast.sampling import SamplerConfig, _Loop, generate
+from duo_fast.sampling import SamplerConfig, generate
+from duo_fast.sampling.loop import SamplingLoop
+from duo_fast.sampling.psi import PSI_PRESETS
 
 K, L = 40, 12
 TRITON = os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,7 +65,7 @@ def test_gap_tokens_follow_the_exact_posterior_given_the_clamped_context(monkeyp
     model = _model()
     n = 6000 if impl == "torch" else 3000
     cfg = SamplerConfig(steps=1, batch=n, length=L, noise_removal="none", t_min=0.05)
-    loop = _Loop(model, cfg, torch.device("cpu"), None, torch.Generator().manual_seed(5))
+    loop = SamplingLoop(model, cfg, torch.device("cpu"), None, torch.Generator().manual_seed(5))
     z1 = torch.randint(0, K, (L,), generator=torch.Generator().manual_seed(3))
     template = torch.randint(0, K, (L,), generator=torch.Generator().manual_seed(4))
     mask = torch.zeros(L, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""The static H100 cost model (duo_fast.kernels.cost_model): it runs for every kernel module, its
+"""The static H100 cost model (duo_fast.tools.cost_model): it runs for every kernel module, its
 figures are sane, the compile it reads is the one a JIT launch builds, and the invariants of the
 production configurations hold: every bf16 dot on tensor cores, no register spills in hot loops
 beyond the recorded ones (which may only shrink). Runs without TRITON_INTERPRET (real compiles)."""
@@ -25,7 +25,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("cost") / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "duo_fast.kernels.cost_model", "--json", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "duo_fast.tools.cost_model", "--json", str(path)],
                           capture_output=True, text=True, env=_env(), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "STATIC ESTIMATES" in proc.stdout
@@ -79,7 +79,8 @@ def test_the_compile_is_specialised_as_a_jit_launch():
     of the same shapes (aligned pointers) equals the one Triton's binder gives for the real tensors."""
     code = r'''
 import torch
-from duo_fast.kernels import cost_model as cm, sample_posterior as sp, rb_loss as rb, relaxed_embedding as re_k
+from duo_fast.kernels import sample_posterior as sp, rb_loss as rb, relaxed_embedding as re_k
+from duo_fast.tools import cost_model as cm
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
@@ -123,7 +124,8 @@ def test_the_logits_kernel_does_not_specialise_on_the_row_stride():
     same whatever the stride."""
     code = r'''
 import torch
-from duo_fast.kernels import cost_model as cm, sample_posterior as sp
+from duo_fast.kernels import sample_posterior as sp
+from duo_fast.tools import cost_model as cm
 
 def key(stride):
     logits = cm._meta(64, stride, dtype=torch.bfloat16)[:, :1000]

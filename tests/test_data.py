@@ -96,7 +96,7 @@ def test_lm1b_validates_on_its_test_split_with_the_detokeniser(monkeypatch):
 
 
 def ref_lm1b(text: str) -> str:
-    from duo_fast.evaluate import lm1b_detokenize
+    from duo_fast.data.eval_sets import lm1b_detokenize
 
     return lm1b_detokenize(text)
 

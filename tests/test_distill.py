@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from duo_fast.cli import main
-from duo_fast.distill import DistillConfig, _kl, dcd_gap
+from duo_fast.training.dcd import DistillConfig, dcd_gap, kl_divergence
 
 
 def _teacher_checkpoint(tmp_path) -> str:
@@ -34,10 +34,10 @@ def test_dt_schedule():
 
 def test_kl_directions():
     a, b = torch.randn(3, 4, 11), torch.randn(3, 4, 11)
-    assert torch.allclose(_kl(a, a, "kl-bwd"), torch.zeros(3, 4), atol=1e-6)
+    assert torch.allclose(kl_divergence(a, a, "kl-bwd"), torch.zeros(3, 4), atol=1e-6)
     pa, pb = a.softmax(-1).double(), b.softmax(-1).double()
-    assert torch.allclose(_kl(a, b, "kl-bwd").double(), (pa * (pa.log() - pb.log())).sum(-1), atol=1e-5)
-    assert torch.allclose(_kl(a, b, "kl-fwd").double(), (pb * (pb.log() - pa.log())).sum(-1), atol=1e-5)
+    assert torch.allclose(kl_divergence(a, b, "kl-bwd").double(), (pa * (pa.log() - pb.log())).sum(-1), atol=1e-5)
+    assert torch.allclose(kl_divergence(a, b, "kl-fwd").double(), (pb * (pb.log() - pa.log())).sum(-1), atol=1e-5)
 
 
 def test_distill_rounds_then_sample(tmp_path):

@@ -8,6 +8,7 @@ from conftest import assert_binomial, assert_close, assert_two_binomials
 
 from duo_fast import TTable
 from duo_fast import reference as ref
+from duo_fast.ops import relaxed_torch
 
 
 def p_of(table: TTable, gamma: float) -> float:
@@ -49,7 +50,7 @@ def test_topk_argmax_rule_is_exact(k):
     table = TTable.build(K)
     n = 40_000
     x0 = torch.randint(0, K, (1, n))
-    idx, weights, zt = ref.topk_relaxation_ref(x0, torch.tensor([gamma]), 1e-3, K, k,
+    idx, weights, zt = relaxed_torch.topk_relaxation(x0, torch.tensor([gamma]), 1e-3, K, k,
                                                generator=torch.Generator().manual_seed(k))
     assert idx.shape == (1, n, k + 1) and weights.shape == (1, n, k + 1)
     assert (idx[..., 1:] != x0[..., None]).all(), "top-k ids must exclude x"
@@ -62,14 +63,14 @@ def test_topk_argmax_rule_is_exact(k):
 def test_topk_with_every_coordinate_is_the_exact_softmax():
     K = 6
     x0 = torch.randint(0, K, (1, 500))
-    _, weights, _ = ref.topk_relaxation_ref(x0, torch.tensor([-2.5]), 0.5, K, K - 1)
+    _, weights, _ = relaxed_torch.topk_relaxation(x0, torch.tensor([-2.5]), 0.5, K, K - 1)
     assert_close(weights.sum(-1), torch.ones(1, 500, dtype=torch.float64), atol=1e-12, rtol=0, what="weights sum")
 
 
 def test_topk_order_statistics_distribution():
     # G_1 of n iid N(0,1): P(G_1 <= c) = Phi(c)^n
     n, c = 50, 2.0
-    G = ref.topk_order_statistics(n, 3, (50_000,), generator=torch.Generator().manual_seed(0))
+    G = relaxed_torch.topk_order_statistics(n, 3, (50_000,), generator=torch.Generator().manual_seed(0))
     assert (G[:, 0] >= G[:, 1]).all() and (G[:, 1] >= G[:, 2]).all()
     p = float(torch.special.ndtr(torch.tensor(c, dtype=torch.float64)) ** n)
     assert_binomial(int((G[:, 0] <= c).sum()), 50_000, p, what="P(G_1 <= c)")
@@ -80,7 +81,7 @@ def test_coupled_sampler_matches_brute_force(K):
     n = 30_000
     x0 = torch.randint(0, K, (1, n))
     gt, gs = torch.tensor([-2.0]), torch.tensor([-3.0])
-    zt1, zs1 = ref.coupled_argmax_ref(x0, gt, gs, K, generator=torch.Generator().manual_seed(1))
+    zt1, zs1 = relaxed_torch.coupled_argmax(x0, gt, gs, K, generator=torch.Generator().manual_seed(1))
     m = 6_000 if K == 1000 else n                       # dense eps is n x K
     zt2, zs2 = ref.coupled_argmax_dense_ref(x0[:, :m], gt, gs, K, generator=torch.Generator().manual_seed(2))
     for name, a, b in [("P(z_t = x)", zt1 == x0, zt2 == x0[:, :m]), ("P(z_s = x)", zs1 == x0, zs2 == x0[:, :m]),

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import assert_close
 
-from duo_fast.checkpoint import save_hf_folder
+from duo_fast.io.hf_folder import save_hf_folder
+from duo_fast.io.pretrained import load_pretrained
 from duo_fast.model import DiT, DiTConfig
-from duo_fast.pretrained import load_pretrained
 
 
 def expected_small_layout(K: int = 50257) -> list[tuple[str, tuple[int, ...]]]:

@@ -15,9 +15,11 @@ from conftest import assert_close
 from duo_fast import reference as ref
 from duo_fast.cli import main
 from duo_fast.data import get_tokenizer
-from duo_fast.evaluate import discrete_nelbo_draws, eval_blocks, evaluate_nelbo, unigram_entropy
+from duo_fast.data.eval_sets import eval_blocks
+from duo_fast.eval.gen_ppl import unigram_entropy
+from duo_fast.eval.nelbo import discrete_nelbo_draws, evaluate_nelbo
+from duo_fast.io.pretrained import CheckpointError, config_from_state_dict, load_pretrained
 from duo_fast.model import DiT, DiTConfig
-from duo_fast.pretrained import CheckpointError, config_from_state_dict, load_pretrained
 
 
 def _random_weights(preset: str, K: int) -> dict[str, torch.Tensor]:
@@ -210,7 +212,7 @@ def test_public_lightning_checkpoint_loads_as_written(tmp_path):
     assert tok("the cat sat on the mat")["input_ids"] == public_tokenizer()("the cat sat on the mat")["input_ids"]
     # loading imports nothing of the pickle's classes (a fresh interpreter, omegaconf blocked)
     code = ("import sys; sys.modules['omegaconf'] = None; sys.modules['lightning'] = None\n"
-            "from duo_fast.pretrained import load_pretrained\n"
+            "from duo_fast.io.pretrained import load_pretrained\n"
             f"m, i = load_pretrained({str(path)!r}); assert i.length == 128, i\n"
             "assert 'omegaconf.dictconfig' not in sys.modules and 'transformers.models.bert' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -265,7 +267,7 @@ def test_weights_only_refuses_the_metadata_the_safe_reader_accepts(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
     """A tiny model with the bundled tokenizer's vocabulary, exported in the HF layout."""
-    from duo_fast.checkpoint import save_hf_folder
+    from duo_fast.io.hf_folder import save_hf_folder
 
     tok = get_tokenizer("bundled", 512)
     torch.manual_seed(0)
@@ -345,7 +347,7 @@ def test_gen_ppl_follows_the_public_protocol(tiny_export, tmp_path):
     row's first EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from duo_fast.evaluate import generative_perplexity
+    from duo_fast.eval.gen_ppl import generative_perplexity
 
     _, tok = tiny_export
     lm_dir = tmp_path / "lm"

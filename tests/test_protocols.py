@@ -17,9 +17,9 @@ from test_pretrained import _random_weights, write_lightning
 
 from duo_fast import reference as ref
 from duo_fast.data import get_tokenizer, special_ids, tokenize_documents
-from duo_fast.schedules import lr_multiplier
-from duo_fast.steploop import ema_decay
-from duo_fast.train import TrainConfig, Trainer, train
+from duo_fast.training.duo import TrainConfig, Trainer, train
+from duo_fast.training.loop_support import ema_decay
+from duo_fast.training.lr_schedule import lr_multiplier
 
 
 def _tiny(tmp_path, **kw) -> TrainConfig:
@@ -91,7 +91,7 @@ def test_times_are_stratified_over_the_global_batch(tmp_path):
     x0 = tr.val_blocks[0:4].to(tr.device)
     for slot in (0, 1):
         tr.gen.manual_seed(11 + slot)
-        alpha = tr._inputs(x0, 5, True, 0, slot)["alpha"]
+        alpha = tr.draw_inputs(x0, 5, True, 0, slot)["alpha"]
         t = (1 - alpha) / (1 - 1e-3)                                  # log-linear schedule inverted
         strata = ((t - 1e-3) / (1 - 1e-3) * 8).floor()
         assert strata.tolist() == [4.0 * slot + k for k in range(4)]
@@ -133,17 +133,17 @@ def test_init_from_an_export_and_from_a_public_ckpt(tmp_path):
 def test_dcd_starts_as_the_public_code(tmp_path):
     """Student and teacher from the raw weights; the EMA is the checkpoint's, with its decay and
     update count (the public on_load_checkpoint), not a fresh one at --ema."""
-    from duo_fast.distill import DistillConfig, _DistillRun
+    from duo_fast.training.dcd import DistillConfig, Distiller
 
     path, raw, ema = _bundled_ckpt(tmp_path)
-    run = _DistillRun(DistillConfig(checkpoint=str(path), tokenizer="bundled", tokenizer_vocab=512, dataset="bundled",
+    run = Distiller(DistillConfig(checkpoint=str(path), tokenizer="bundled", tokenizer_vocab=512, dataset="bundled",
                                     batch_size=4, steps=2, ema=0.999, progress=False, out=str(tmp_path / "dcd")))
     names = [n for n, _ in run.student.named_parameters()]
     assert all(torch.equal(run.student.state_dict()[n], raw[n]) for n in names)
     assert all(torch.equal(run.teacher.state_dict()[n], raw[n]) for n in names)
     assert all(torch.equal(e, ema[n]) for n, e in zip(names, run.ema))
     assert (run.ema_decay, run.ema_updates) == (0.9999, 1234)
-    old = _DistillRun(DistillConfig(checkpoint=str(path), tokenizer="bundled", tokenizer_vocab=512, dataset="bundled",
+    old = Distiller(DistillConfig(checkpoint=str(path), tokenizer="bundled", tokenizer_vocab=512, dataset="bundled",
                                     batch_size=4, steps=2, ema=0.999, init="ema", progress=False,
                                     out=str(tmp_path / "dcd2")))
     assert all(torch.equal(old.student.state_dict()[n], ema[n]) for n in names)
@@ -230,7 +230,7 @@ def test_lm1b_preset_trains_on_padded_sentences_with_a_masked_loss(tmp_path, mon
 
     from duo_fast.cli import build_parser
     from duo_fast.cli import train_config_from_args as _train_config
-    from duo_fast.evaluate import lm1b_detokenize
+    from duo_fast.data.eval_sets import lm1b_detokenize
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the cat sat on a mat , . dog ran".split()]
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "bert")
@@ -250,7 +250,7 @@ def test_lm1b_preset_trains_on_padded_sentences_with_a_masked_loss(tmp_path, mon
     assert tr.train_blocks[:].tolist() == want["input_ids"]
     assert tr.pad_id == tok.pad_token_id and (tr.train_blocks[:] == tok.pad_token_id).any()
     x0 = tr.train_blocks[0:4].to(tr.device)
-    inputs = tr._inputs(x0, 3, True, 0, None)                        # a discrete-phase draw
+    inputs = tr.draw_inputs(x0, 3, True, 0, None)                        # a discrete-phase draw
     tr.objective.eval()
     with torch.no_grad():
         got = float(tr.objective(x0, **inputs))
@@ -264,7 +264,7 @@ def test_lm1b_preset_trains_on_padded_sentences_with_a_masked_loss(tmp_path, mon
 # -- evaluation sets -----------------------------------------------------------------------------
 
 def test_zero_shot_sets_use_the_public_splits_and_eos_rule(tmp_path, monkeypatch):
-    from duo_fast.evaluate import EVAL_SETS, eval_blocks
+    from duo_fast.data.eval_sets import EVAL_SETS, eval_blocks
 
     splits = {name: s.split for name, s in EVAL_SETS.items()}
     assert splits["wikitext103"] == splits["wikitext2"] == splits["ptb"] == "validation"
@@ -289,7 +289,7 @@ def test_zero_shot_sets_use_the_public_splits_and_eos_rule(tmp_path, monkeypatch
 
 
 def test_distillation_validates_every_n_steps(tmp_path):
-    from duo_fast.distill import DistillConfig, distill
+    from duo_fast.training.dcd import DistillConfig, distill
 
     path, _, _ = _bundled_ckpt(tmp_path)
     summary = distill(DistillConfig(checkpoint=str(path), tokenizer="bundled", tokenizer_vocab=512, dataset="bundled",
@@ -307,7 +307,7 @@ def test_distillation_validates_every_n_steps(tmp_path):
 def test_each_hub_eval_set_reads_its_split_detokenises_and_frames_as_public(name, monkeypatch):
     import datasets
 
-    from duo_fast.evaluate import DETOKENIZERS, EVAL_SETS, eval_blocks
+    from duo_fast.data.eval_sets import DETOKENIZERS, EVAL_SETS, eval_blocks
 
     e_set = EVAL_SETS[name]
     raw = ["The cat @-@ dog sat , did n't it ?", "A second line ( with brackets ) ."] * 30
@@ -331,8 +331,8 @@ def test_eval_of_padded_lm1b_counts_only_real_tokens(tmp_path, monkeypatch, caps
     import datasets
     from transformers import BertTokenizerFast
 
-    from duo_fast.checkpoint import save_hf_folder
     from duo_fast.cli import main
+    from duo_fast.io.hf_folder import save_hf_folder
     from duo_fast.model import DiT, DiTConfig
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the cat sat on a mat , . dog ran".split()]
@@ -350,8 +350,8 @@ def test_eval_of_padded_lm1b_counts_only_real_tokens(tmp_path, monkeypatch, caps
 
 def test_detokenisers_apply_the_public_rules():
     """Inputs that exercise the public rules, with the outputs worked out by hand from them."""
-    from duo_fast.evaluate import lambada_detokenize, lm1b_detokenize, ptb_detokenize, scientific_detokenize
-    from duo_fast.evaluate import wikitext_detokenize as wt
+    from duo_fast.data.eval_sets import lambada_detokenize, lm1b_detokenize, ptb_detokenize, scientific_detokenize
+    from duo_fast.data.eval_sets import wikitext_detokenize as wt
 
     assert wt(' = = Heading = = \n The cat @-@ dog , ( x ) sat \'s " a " . ') == \
         ' == Heading ==\nThe cat-dog, (x) sat\'s "a". '

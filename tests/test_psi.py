@@ -11,8 +11,9 @@ import torch
 
 from duo_fast import reference as ref
 from duo_fast.model import DiT, DiTConfig
-from duo_fast.psi import PSI_PRESETS, PsiConfig, step_kappas, time_grid
-from duo_fast.sampling import SamplerConfig, _Loop, generate
+from duo_fast.sampling import SamplerConfig, generate
+from duo_fast.sampling.loop import SamplingLoop
+from duo_fast.sampling.psi import PSI_PRESETS, PsiConfig, step_kappas, time_grid
 
 EPS = 1e-3            # the public LogLinear / Cosine eps
 
@@ -131,7 +132,7 @@ def _model(K: int = 40) -> DiT:
 def test_the_loop_uses_the_profile_and_the_kappas():
     psi = PSI_PRESETS["duo-loop-remdm"]["psi"]
     cfg = SamplerConfig(steps=20, batch=2, psi=psi, noise_removal="ancestral")
-    loop = _Loop(_model(), cfg, torch.device("cpu"), None, torch.Generator())
+    loop = SamplingLoop(_model(), cfg, torch.device("cpu"), None, torch.Generator())
     times = time_grid(psi, 20, cfg.t_min, "loglinear")
     assert torch.equal(loop.alphas, ref.alpha_loglinear(times)[0])
     assert torch.equal(loop.kappas, step_kappas(psi, times, "loglinear")[:20])

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from duo_fast import reference as ref
 from duo_fast.kernels.relaxed_topk import _ppnd7
-from duo_fast.ops import relaxed_embedding
+from duo_fast.ops import relaxed_embedding, relaxed_torch
 from duo_fast.ops.relaxed import adaptive_fits, resolve_mode
-from duo_fast.ttable import TTable
+from duo_fast.ops.ttable import TTable
 
 needs_interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                   reason="the Triton path runs on CPU only under TRITON_INTERPRET=1")
@@ -36,7 +36,7 @@ def _draw(impl: str, x0: torch.Tensor, gamma: float, tau: float, K: int, k_max: 
         assert kc >= k_max
         return {k: (v[:, :k_max + 1] if v.dim() == 2 else v) for k, v in out.items()}
     gen = torch.Generator().manual_seed(seed)
-    return ref.adaptive_topk_relaxation_ref(x0, g, tau, K, tol, k_max, generator=gen, early_exit=True)
+    return relaxed_torch.adaptive_topk_relaxation(x0, g, tau, K, tol, k_max, generator=gen, early_exit=True)
 
 
 IMPLS = ["torch", pytest.param("triton", marks=needs_interp)]

@@ -99,7 +99,7 @@ def test_sigterm_resume_matches_uninterrupted_and_crash_mid_save_is_harmless(tmp
     crash = tmp_path / "crash"
     proc = _torchrun([*common, "--save-every", "4", "--out", str(crash)], env={"DUO_FAST_TEST_DIE_IN_SAVE": "11"})
     assert proc.returncode != 0
-    from duo_fast.train import latest_checkpoint
+    from duo_fast.training.duo import latest_checkpoint
 
     ckpts = crash / "checkpoints"
     assert latest_checkpoint(ckpts) == ckpts / "step000000007"
@@ -169,7 +169,7 @@ def test_zero2_two_ranks_follow_the_single_process_trajectory(tmp_path):
 
 def test_deepspeed_config_keeps_float32_weights():
     """On CUDA as on CPU: no DeepSpeed bf16 mode (the denoiser autocasts its blocks), fused AdamW."""
-    from duo_fast.engine import ds_config
+    from duo_fast.training.engine import ds_config
 
     for dev in ("cpu", "cuda"):
         cfg = ds_config(2, 4, 2, 8, 3e-4, (0.9, 0.999), 0.0, 1.0, torch.device(dev))

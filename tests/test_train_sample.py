@@ -12,7 +12,7 @@ import torch
 
 from duo_fast.cli import build_parser, main
 from duo_fast.sampling import SamplerConfig, generate
-from duo_fast.train import TrainConfig, Trainer, tau_at
+from duo_fast.training.duo import TrainConfig, Trainer, tau_at
 
 
 def _help(*cmd: str) -> str:

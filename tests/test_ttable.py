@@ -11,7 +11,7 @@ import torch
 from scipy import integrate, special
 
 from duo_fast import TTable
-from duo_fast.ttable import p_and_derivative
+from duo_fast.ops.ttable import p_and_derivative
 
 
 def quad_p(gamma: float, K: int) -> float:

@@ -14,9 +14,10 @@ import pytest
 import torch
 from test_ttable import quad_dp, quad_p
 
-from duo_fast import TTable, _ext
+from duo_fast import TTable
 from duo_fast.ops import backend
-from duo_fast.ttable import lookup_backend
+from duo_fast.ops import extension as _ext
+from duo_fast.ops.ttable import lookup_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(not _ext.AVAILABLE, reason=f"duo_fast._C not built: {_ext.IMPORT_ERROR}")
@@ -130,7 +131,7 @@ def test_the_op_compiles_on_first_use_when_not_prebuilt(tmp_path):
     code = ("import sys; sys.modules['duo_fast._C'] = None\n"
             "import torch, duo_fast\n"
             "from duo_fast import _ext\n"
-            "from duo_fast.ttable import lookup_backend\n"
+            "from duo_fast.ops.ttable import lookup_backend\n"
             "assert _ext.SOURCE == 'jit', (_ext.SOURCE, _ext.IMPORT_ERROR)\n"
             "assert lookup_backend(torch.device('cpu')) == 'cpp'\n"
             "t = duo_fast.TTable.build(1000)\n"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 # (name substring, dense bf16 tensor FLOP/s, memory bytes/s): vendor figures for the SXM parts.
-from ..devices import DEVICE_PEAKS, device_peaks  # noqa: E402,F401 - re-exported for the bench
+from duo_fast.core.devices import DEVICE_PEAKS, device_peaks  # noqa: E402,F401 - re-exported for the bench
 
 
 def sync(device: torch.device) -> None:
@@ -133,7 +133,7 @@ def print_kernel_resources(res: dict[str, Any], module: str, skip: bool) -> None
     print registers, spills and shared memory, and store them in ``res["kernel_resources"]``."""
     if skip:
         return
-    from ..kernels.compile_check import print_results, resources_in_subprocess
+    from duo_fast.tools.compile_check import print_results, resources_in_subprocess
 
     print("\nkernel resources, every block configuration the dispatcher can pick, compiled for sm_90:")
     res["kernel_resources"] = resources_in_subprocess(module)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference as ref
+from duo_fast import reference as ref
 
 __all__ = ["reference_ttable_lookup", "reference_relaxed_embedding", "public_posterior_step"]
 

@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from .. import reference as ref
-from ..environment import environment as full_environment
-from ..model import DiT, DiTConfig
-from ..ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
-from ..ops.relaxed import resolve_mode
-from ..sampling import SamplerConfig, generate
-from ..train import model_flops_per_token
-from ..ttable import TTable
-from .common import device_peaks, environment, peak_memory_mb, print_table, time_fn, time_pair
-from .reference_paths import public_posterior_step, reference_relaxed_embedding, reference_ttable_lookup
+from duo_fast import reference as ref
+from duo_fast.bench.common import device_peaks, environment, peak_memory_mb, print_table, time_fn, time_pair
+from duo_fast.bench.reference_paths import public_posterior_step, reference_relaxed_embedding, reference_ttable_lookup
+from duo_fast.environment import environment as full_environment
+from duo_fast.model import DiT, DiTConfig
+from duo_fast.ops import backend, rb_loss, rb_loss_linear, relaxed_embedding, sample_posterior, sample_posterior_linear
+from duo_fast.ops.relaxed import resolve_mode
+from duo_fast.ops.ttable import TTable
+from duo_fast.sampling.loop import SamplerConfig, generate
+from duo_fast.training.duo import model_flops_per_token
 
 __all__ = ["PRESETS", "GROUPS", "run_suite", "print_suite"]
 

@@ -10,6 +10,10 @@
 * ``wrap_blocks(...)``: documents -> ``(N, L)`` blocks by the public code's rule (each document
   followed by EOS, concatenated per batch of 1,000 documents, chunks of ``L - 2`` framed as
   ``[BOS] chunk [EOS]``; docs/math.md section 8: every block fully valid, no padding).
+* ``eval_sets``: the zero-shot evaluation sets with their detokenisers; ``blocks``: the cached,
+  memory-mapped training blocks and their seeded order.
+
+May import: ``duo_fast.core``.
 """
 
 from __future__ import annotations
@@ -288,7 +292,7 @@ def hub_error(source: str, e: BaseException) -> ValueError:
 def _hub_documents(datasets: Any, source: str, name: str, config: str | None, field: str, split: str) -> list[str]:
     """Documents of a hub corpus with the public code's splits and detokenisers: LM1B's
     validation is its test split; LM1B and WikiText are detokenised for training too."""
-    from ..evaluate import DETOKENIZERS
+    from duo_fast.data.eval_sets import DETOKENIZERS
 
     detok = {"lm1b": "lm1b", "lm1b-wrap": "lm1b", "wikitext103": "wikitext", "wikitext2": "wikitext"}.get(source)
     lm1b = source in ("lm1b", "lm1b-wrap")

@@ -66,7 +66,7 @@ def cached_blocks(dataset: str, split: str, tokenizer: Any, tokenizer_name: str,
                   directory: str | Path | None = None, val_fraction: float = 0.05) -> MappedBlocks:
     """The (N, length) blocks of ``dataset``'s ``split``, memory-mapped from the cache; tokenised,
     wrapped with BOS/EOS (padded sentences for ``PADDED_DATASETS``) and cached first if they are not there."""
-    from . import PADDED_DATASETS, blocks_from_documents, load_text_documents
+    from duo_fast.data import PADDED_DATASETS, blocks_from_documents, load_text_documents
 
     key = {"format": _FORMAT, "source": _source_stamp(dataset), "split": split, "tokenizer": tokenizer_name,
            "vocab": len(tokenizer), "length": length, "val_fraction": val_fraction}

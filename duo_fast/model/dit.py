@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DiTConfig
+from duo_fast.model.config import DiTConfig
+from duo_fast.ops.backends import flash_attn_func
 
-try:  # optional: only where it installs, used for CUDA bf16/fp16 tensors
-    from flash_attn import flash_attn_func as _flash_func
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_func = None
+_flash_func = flash_attn_func()   # optional: only where flash-attn installs, used for CUDA bf16/fp16 tensors
 
 __all__ = ["DiT", "flash_attention_available"]
 
@@ -223,6 +221,10 @@ class DiT(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    def output_projection(self) -> nn.Linear:
+        """The output projection (K x D weight, K bias) that maps ``return_hidden`` states to logits."""
+        return self.output_layer.linear
 
     def compile_blocks(self, **kwargs) -> None:
         """``torch.compile`` each transformer block in place (``kwargs`` go to ``torch.compile``)."""

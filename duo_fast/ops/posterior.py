@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference as ref
-from ._dispatch import seed_from, token_rows, use_triton
+from duo_fast.core.draws import exponential_draws
+from duo_fast.ops.backends import seed_from, token_rows, use_triton
 
 __all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights", "NUCLEUS_METHOD"]
 
@@ -87,7 +87,7 @@ def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Te
     x_i = torch.exp(logits.gather(-1, zt[..., None])[..., 0] - lse).double()
     w_model, w_unif = mixture_weights(x_i, a_s, a_t, K, kappa)
     u = torch.rand(zt.shape, generator=generator, device=zt.device, dtype=torch.float64)
-    e = ref.exponential_draws(tuple(logits.shape), generator=generator, device=logits.device)
+    e = exponential_draws(tuple(logits.shape), generator=generator, device=logits.device)
     draw_model = e.log_().neg_().add_(logits).argmax(-1)     # Gumbel-max with exact tails (-log of an Exp(1))
     draw_uniform = torch.randint(0, K, zt.shape, generator=generator, device=zt.device)
     return torch.where(u < w_model, draw_model, torch.where(u < w_model + w_unif, draw_uniform, zt))
@@ -113,8 +113,8 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
     nucleus = top_p < 1 and mode != 2
     B, L, K = logits.shape
     a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
-    if use_triton(logits, impl):
-        from ..kernels.sample_posterior import nucleus_cut_fwd, sample_posterior_fwd
+    if use_triton(logits, impl, "sample_posterior"):
+        from duo_fast.kernels.sample_posterior import nucleus_cut_fwd, sample_posterior_fwd
 
         flat = logits.reshape(B * L, K).contiguous()
         cut = nucleus_cut_fwd(flat, top_p) if nucleus else None
@@ -161,13 +161,13 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     mode = FINAL_MODES[final]
     nucleus = top_p < 1 and mode != 2
-    if nucleus and use_triton(h, impl):
+    if nucleus and use_triton(h, impl, "sample_posterior_linear"):
         logits = torch.nn.functional.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
         return sample_posterior(logits, zt, alpha_s, alpha_t, seed=seed, generator=generator, final=final, top_p=top_p,
                                 kappa=kappa, impl=impl)
     a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
-    if use_triton(h, impl):
-        from ..kernels.sample_posterior import sample_posterior_linear_fwd
+    if use_triton(h, impl, "sample_posterior_linear"):
+        from duo_fast.kernels.sample_posterior import sample_posterior_linear_fwd
 
         w = weight.to(h.dtype).contiguous()
         b = None if bias is None else bias.to(h.dtype).contiguous()

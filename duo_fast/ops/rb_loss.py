@@ -22,12 +22,11 @@ is one ``chunk_tokens x K`` block instead of ``N x K``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from ._dispatch import token_rows, use_triton
+from duo_fast.ops import backends
+from duo_fast.ops.backends import token_rows
 
 __all__ = ["rb_loss", "rb_loss_linear", "log1p_minus_x", "default_chunk_tokens"]
 
@@ -107,43 +106,27 @@ def _grad_torch(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Ten
     return g.to(logits.dtype)
 
 
-@functools.cache
-def cpp_available() -> bool:
-    """Whether the fused C++ CPU op (csrc/rb_loss_cpu.cpp) is built and this CPU runs it."""
-    from .. import _ext
-
-    if _ext.SOURCE == "fallback":
-        return False
-    try:
-        return bool(torch.ops.duo_fast.rb_cpu_supported())
-    except (AttributeError, RuntimeError):          # an older cached build without the op
-        return False
-
-
-def _use_cpp(logits: Tensor) -> bool:
-    return logits.device.type == "cpu" and cpp_available()
-
-
-def _stats(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, triton: bool) -> Tensor:
-    if triton:
-        from ..kernels.rb_loss import rb_stats
+def _stats(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, impl: str) -> Tensor:
+    """Per-row statistics of one chunk by ``impl`` (``triton``, ``cpp`` or ``torch``: ``backends.choose``)."""
+    if impl == "triton":
+        from duo_fast.kernels.rb_loss import rb_stats
 
         return rb_stats(logits, zt, x0, beta)
-    if _use_cpp(logits):
+    if impl == "cpp":
         lf = logits.float()
         return torch.ops.duo_fast.rb_stats_cpu(lf if lf.stride(1) == 1 else lf.contiguous(), zt, x0, beta)
     return _stats_torch(logits, zt, x0, beta)
 
 
-def _grad(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, coefs: Tensor, triton: bool,
+def _grad(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, coefs: Tensor, impl: str,
           inplace: bool = False, out: Tensor | None = None) -> Tensor:
     """d loss / d logits of one chunk; the C++ path writes into ``out`` (a float32 view of the
     caller's gradient) when given, and into the logits themselves when ``inplace``."""
-    if triton:
-        from ..kernels.rb_loss import rb_grad
+    if impl == "triton":
+        from duo_fast.kernels.rb_loss import rb_grad
 
         return rb_grad(logits, zt, x0, beta, stats.contiguous(), coefs.contiguous(), out=logits if inplace else None)
-    if _use_cpp(logits):
+    if impl == "cpp":
         lf = logits.float()
         lf = lf if lf.stride(1) == 1 else lf.contiguous()
         own = inplace or lf.data_ptr() != logits.data_ptr()          # a buffer nobody else reads: write into it
@@ -216,20 +199,20 @@ def _rows(zt: Tensor, x0: Tensor, alpha_t: Tensor | float, dalpha_t: Tensor | fl
 
 class _RBLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, zt: Tensor, x0: Tensor, a: Tensor, da: Tensor, triton: bool, chunk: int,
+    def forward(ctx, logits: Tensor, zt: Tensor, x0: Tensor, a: Tensor, da: Tensor, impl: str, chunk: int,
                 check: bool) -> Tensor:
         N, K = logits.shape
         beta = (K * a / (1 - a)).float()
-        if triton:
-            stats = _stats(logits, zt, x0, beta, True)
+        if impl == "triton":
+            stats = _stats(logits, zt, x0, beta, impl)
         else:
-            stats = torch.cat([_stats(logits[s:s + chunk], zt[s:s + chunk], x0[s:s + chunk], beta[s:s + chunk], False)
+            stats = torch.cat([_stats(logits[s:s + chunk], zt[s:s + chunk], x0[s:s + chunk], beta[s:s + chunk], impl)
                                for s in range(0, N, chunk)], 1) if N else logits.new_zeros((NUM_STATS, 0))
         loss = _loss_from_stats(stats, zt == x0, a, da, K)
         if check:
             _finite_or_raise(loss, "rb_loss", "the logits")
         ctx.save_for_backward(logits, zt, x0, a, da, beta, stats)
-        ctx.triton, ctx.chunk = triton, chunk
+        ctx.impl, ctx.chunk = impl, chunk
         return loss.float()
 
     @staticmethod
@@ -237,13 +220,13 @@ class _RBLoss(torch.autograd.Function):
         logits, zt, x0, a, da, beta, stats = ctx.saved_tensors
         N, K = logits.shape
         coefs = _grad_coefficients(stats, zt == x0, a, da, K, grad.double())
-        if ctx.triton:
-            dl = _grad(logits, zt, x0, beta, stats, coefs, True)
+        if ctx.impl == "triton":
+            dl = _grad(logits, zt, x0, beta, stats, coefs, ctx.impl)
         else:
             dl = torch.empty_like(logits)
             for s in range(0, N, ctx.chunk):
                 e = s + ctx.chunk
-                g = _grad(logits[s:e], zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], False, out=dl[s:e])
+                g = _grad(logits[s:e], zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], ctx.impl, out=dl[s:e])
                 if g.data_ptr() != dl[s:e].data_ptr():
                     dl[s:e] = g
         return dl, None, None, None, None, None, None, None
@@ -252,8 +235,9 @@ class _RBLoss(torch.autograd.Function):
 class _RBLossLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x0: Tensor, a: Tensor, da: Tensor,
-                triton: bool, chunk: int, check: bool) -> Tensor:
+                impl: str, chunk: int, check: bool) -> Tensor:
         N = h.shape[0]
+        triton = impl == "triton"
         K = weight.shape[0]
         beta = (K * a / (1 - a)).float()
         stats = h.new_empty((NUM_STATS, N), dtype=torch.float32)
@@ -267,19 +251,19 @@ class _RBLossLinear(torch.autograd.Function):
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             if triton:              # the logits the backward's fused kernel recomputes, bit for bit
-                from ..kernels.rb_loss import rb_logits_linear
+                from duo_fast.kernels.rb_loss import rb_logits_linear
 
                 logits = rb_logits_linear(h[s:e], weight, bias_k)
             else:
                 logits = torch.nn.functional.linear(h[s:e], weight, bias)
-            stats[:, s:e] = _stats(logits, zt[s:e], x0[s:e], beta[s:e], triton)
+            stats[:, s:e] = _stats(logits, zt[s:e], x0[s:e], beta[s:e], impl)
             kept = logits if keep else None
             del logits
         loss = _loss_from_stats(stats, zt == x0, a, da, K)
         if check:
             _finite_or_raise(loss, "rb_loss_linear", "h, weight or bias")
         ctx.save_for_backward(h, weight, bias, zt, x0, a, da, beta, stats)
-        ctx.triton, ctx.chunk, ctx.kept, ctx.vocab = triton, chunk, kept, K
+        ctx.impl, ctx.triton, ctx.chunk, ctx.kept, ctx.vocab = impl, triton, chunk, kept, K
         return loss.float()
 
     @staticmethod
@@ -298,17 +282,17 @@ class _RBLossLinear(torch.autograd.Function):
             e = min(N, s + ctx.chunk)
             first = s == 0
             if ctx.triton:          # the logits recomputed in registers, never stored
-                from ..kernels.rb_loss import rb_grad_linear
+                from duo_fast.kernels.rb_loss import rb_grad_linear
 
                 dl = rb_grad_linear(h[s:e], weight, bias if bias is not None else weight.new_zeros(K), zt[s:e],
                                     x0[s:e], beta[s:e], stats[:, s:e].contiguous(), coefs[:, s:e].contiguous())
             else:
                 logits = ctx.kept if ctx.kept is not None else torch.nn.functional.linear(h[s:e], weight, bias)
                 ctx.kept = None
-                dl = _grad(logits, zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], False, inplace=True)
+                dl = _grad(logits, zt[s:e], x0[s:e], beta[s:e], stats[:, s:e], coefs[:, s:e], ctx.impl, inplace=True)
                 del logits
             if dw is not None and ctx.triton and dl.dtype != torch.float32:
-                from ..kernels.gemm import matmul
+                from duo_fast.kernels.gemm import matmul
 
                 # bf16/fp16 products accumulated in fp32 straight into dW; the padded columns of the
                 # gradient (zeros) are read too, so the operand's rows stay aligned; K rows are stored
@@ -376,9 +360,10 @@ def rb_loss(logits: Tensor, zt: Tensor, x0: Tensor, alpha_t: Tensor | float, dal
     flat = logits.reshape(B * L, K)
     if flat.stride(1) != 1:
         flat = flat.contiguous()
-    triton = use_triton(logits, impl)
+    ran = backends.choose("rb_loss", logits, impl).impl
+    backends.LAST_RUN["rb_loss"] = ran
     chunk = chunk_tokens or default_chunk_tokens(K, logits.device)
-    return _RBLoss.apply(flat, z, x, a, da, triton, chunk, check).view(B, L)
+    return _RBLoss.apply(flat, z, x, a, da, ran, chunk, check).view(B, L)
 
 
 def rb_loss_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x0: Tensor,
@@ -402,6 +387,7 @@ def rb_loss_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x
     z, x, a, da = _rows(zt, x0, alpha_t, dalpha_t, K)
     w = weight.to(h.dtype)
     b = None if bias is None else bias.to(h.dtype)
-    triton = use_triton(h, impl)
+    ran = backends.choose("rb_loss_linear", h, impl).impl
+    backends.LAST_RUN["rb_loss_linear"] = ran
     chunk = chunk_tokens or default_chunk_tokens(K, h.device, h.element_size())
-    return _RBLossLinear.apply(h.reshape(B * L, D), w, b, z, x, a, da, triton, chunk, check).view(B, L)
+    return _RBLossLinear.apply(h.reshape(B * L, D), w, b, z, x, a, da, ran, chunk, check).view(B, L)

@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference as ref
-from ..hostsync import read_cpu
-from ..reference import per_token
-from ._dispatch import seed_from, use_triton
+from duo_fast.core.hostsync import read_cpu
+from duo_fast.core.noise_schedule import gaussian_coefficients, per_token
+from duo_fast.ops.backends import LAST_RUN, choose, seed_from, use_triton
+from duo_fast.ops.relaxed_torch import adaptive_topk_relaxation, coupled_argmax, topk_relaxation
 
 __all__ = ["relaxed_embedding", "coupled_latents", "MODES", "adaptive_fits", "resolve_mode"]
 
@@ -142,7 +142,7 @@ class _RelaxedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0: Tensor, at: Tensor, st: Tensor, embedding: Tensor, tau: float, seed: int,
                 eps: Tensor | None, sparse: bool, ieee: bool) -> tuple[Tensor, Tensor]:
-        from ..kernels.relaxed_embedding import relaxed_fwd
+        from duo_fast.kernels.relaxed_embedding import relaxed_fwd
 
         h0, zt, norm = relaxed_fwd(x0, at, st, embedding.contiguous(), tau, seed, sparse, eps, ieee=ieee)
         ctx.save_for_backward(x0, at, st, norm, eps)
@@ -152,7 +152,7 @@ class _RelaxedTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh: Tensor, _dzt: Tensor | None):
-        from ..kernels.relaxed_embedding import relaxed_bwd
+        from duo_fast.kernels.relaxed_embedding import relaxed_bwd
 
         x0, at, st, norm, eps = ctx.saved_tensors
         K, tau, seed, sparse, dtype, ieee = ctx.meta
@@ -236,15 +236,15 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
         if not 1 <= k_max <= K - 1:
             raise ValueError(f"k_max must be in [1, K - 1] = [1, {K - 1}], got {k_max}")
         flat_x = x0.reshape(-1).contiguous()
-        if use_triton(embedding, impl):
-            from ..kernels.relaxed_topk import adaptive_topk
+        if use_triton(embedding, impl, "relaxed_embedding"):
+            from duo_fast.kernels.relaxed_topk import adaptive_topk
 
-            at, st = (t.float().reshape(-1).contiguous() for t in ref.gaussian_coefficients(g))
+            at, st = (t.float().reshape(-1).contiguous() for t in gaussian_coefficients(g))
             out = adaptive_topk(flat_x, at, st, K, float(tau), float(tol), k_max, seed)
         else:
             gen = torch.Generator(device=x0.device).manual_seed(seed)
             cpu = x0.device.type == "cpu"
-            out = ref.adaptive_topk_relaxation_ref(flat_x, g.reshape(-1), tau, K, tol, k_max, generator=gen,
+            out = adaptive_topk_relaxation(flat_x, g.reshape(-1), tau, K, tol, k_max, generator=gen,
                                                    early_exit=cpu, pad=not cpu)
         h0 = torch.nn.functional.embedding_bag(out["ids"], embedding, per_sample_weights=out["weights"].to(embedding.dtype),
                                                mode="sum")
@@ -256,17 +256,17 @@ def relaxed_embedding(x0: Tensor, gamma: Tensor | float, tau: float, embedding: 
         if eps is not None:
             raise ValueError("explicit eps is only supported by the dense and sparse modes")
         gen = torch.Generator(device=x0.device).manual_seed(seed)
-        idx, weights, zt = ref.topk_relaxation_ref(x0, g, tau, K, k, generator=gen)
+        idx, weights, zt = topk_relaxation(x0, g, tau, K, k, generator=gen)
         h0 = torch.nn.functional.embedding_bag(idx.reshape(B * L, k + 1), embedding,
                                                per_sample_weights=weights.reshape(B * L, k + 1).to(embedding.dtype),
                                                mode="sum")
         return h0.view(B, L, D), zt
     if eps is not None and eps.shape != (B, L, K):
         raise ValueError(f"eps must be (B, L, K) = {(B, L, K)}, got {tuple(eps.shape)}")
-    at, st = (t.float().reshape(-1).contiguous() for t in ref.gaussian_coefficients(g))
+    at, st = (t.float().reshape(-1).contiguous() for t in gaussian_coefficients(g))
     flat_x = x0.reshape(-1).contiguous()
     flat_eps = None if eps is None else eps.reshape(B * L, K).float().contiguous()
-    if use_triton(embedding, impl):
+    if use_triton(embedding, impl, "relaxed_embedding"):
         if ieee and embedding.dtype != torch.float32:
             raise ValueError(f"ieee=True needs an fp32 embedding, got {embedding.dtype}")
         h0, zt = _RelaxedTriton.apply(flat_x, at, st, embedding, float(tau), seed, flat_eps, mode == "sparse", ieee)
@@ -288,5 +288,6 @@ def coupled_latents(x0: Tensor, gamma_t: Tensor | float, gamma_s: Tensor | float
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
     torch._assert_async(((x0 >= 0) & (x0 < vocab_size)).all(), f"token ids out of range [0, {vocab_size})")
+    LAST_RUN["coupled_latents"] = choose("coupled_latents", x0).impl
     gen = torch.Generator(device=x0.device).manual_seed(seed_from(seed, generator))
-    return ref.coupled_argmax_ref(x0, gamma_t, gamma_s, vocab_size, generator=gen)
+    return coupled_argmax(x0, gamma_t, gamma_s, vocab_size, generator=gen)

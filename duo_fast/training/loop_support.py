@@ -1,10 +1,5 @@
-"""What the training and distillation loops share to run without host round trips.
-
-* :func:`micro_seed`: the randomness of a micro-batch is a function of ``(seed, step, slot)``,
-  ``slot = micro_step * world + rank`` (the same slot as its data: ``BlockOrder`` gives rank
-  ``r`` the ``r``-th slice of each global micro-batch). So a run on one process with
-  accumulation draws exactly what the same run on several ranks draws, a restart needs no
-  generator state, and no step draws a seed through a tensor.
+"""What the training harness uses to run without host round trips (the per-micro-batch seeds
+are :func:`duo_fast.core.seeds.micro_seed`).
 * :class:`BatchFeeder`: the next micro-batch is gathered from the memory map, pinned and
   copied with ``non_blocking`` while the current one computes (CUDA); its data position is the
   one before the staged batch, so a checkpoint resumes at the right block.
@@ -23,28 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data.blocks import BlockOrder
+from duo_fast.data.blocks import BlockOrder
 
-__all__ = ["micro_seed", "BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint", "ema_decay",
+__all__ = ["BatchFeeder", "IntervalMeter", "agreed_stop", "exit_after_checkpoint", "ema_decay",
            "continue_ema", "open_wandb"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def micro_seed(seed: int, step: int, slot: int, stream: int = 0) -> int:
-    """A 62-bit seed of micro-batch ``slot`` of optimizer step ``step`` (pure Python)."""
-    h = _splitmix64(seed & _MASK64)
-    for v in (step, slot, stream):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h & ((1 << 62) - 1)
-
 
 class BatchFeeder:
     """This rank's micro-batches from ``blocks`` (N, L) int64 in ``order``'s sequence, one staged

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .engine import barrier
+from duo_fast.training.engine import barrier
 
 __all__ = ["write_checkpoint", "read_checkpoint", "latest_checkpoint", "complete_checkpoints", "load_newest",
            "CheckpointReadError", "StopFlag", "mean_over_ranks", "gather_ints", "generator_states",
@@ -97,7 +97,7 @@ def _verify_engine_files(path: Path, rank: int) -> None:
     """Read every pickle the engine will load (``engine.pt``, DeepSpeed's shards) with the inert
     unpickler first: a file that names a code-running global is refused before DeepSpeed's own
     ``torch.load`` sees it."""
-    from . import safe_pickle
+    from duo_fast.io import safe_pickle
 
     for f in sorted(path.rglob("*.pt")):
         if f.name == "state.pt" or f.name.startswith("rank"):
@@ -139,7 +139,7 @@ def load_newest(root: Path, load: Callable[[Path], Any], rank: int) -> tuple[Pat
     """``load(path)`` on the newest complete checkpoint that every rank can read; one that some
     rank cannot read is named, moved aside to ``ROOT/corrupt-step...`` and the previous one tried.
     None when there is no checkpoint (or none readable: then the error of the oldest is raised)."""
-    from .steploop import agreed_stop
+    from duo_fast.training.loop_support import agreed_stop
 
     last_error: CheckpointReadError | None = None
     for path in reversed(complete_checkpoints(root)):

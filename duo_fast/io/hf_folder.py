@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .model import DiT
+from duo_fast.model import DiT
 
 __all__ = ["save_hf_folder", "PREFIX"]
 

@@ -80,7 +80,7 @@ def build_jit(verbose: bool = False) -> Path:
 
 
 try:
-    from . import _C  # noqa: F401  (registers the ops)
+    from duo_fast import _C  # noqa: F401  (registers the ops)
 
     AVAILABLE = hasattr(torch.ops.duo_fast, "ttable_lookup")
     SOURCE = "prebuilt" if AVAILABLE else "fallback"

@@ -179,7 +179,7 @@ def _numpy_scalar(dtype: Any, data: bytes | None = None) -> Any:
 class _PickleModule:
     """What ``torch.load(pickle_module=...)`` needs: ``Unpickler`` and ``load`` (legacy files)."""
 
-    __name__ = "duo_fast.safe_pickle"
+    __name__ = "duo_fast.io.safe_pickle"
     Unpickler = _Unpickler
 
     @staticmethod

@@ -29,6 +29,8 @@ import torch
 from scipy.special import log_ndtr
 from torch import Tensor
 
+from duo_fast.ops import backends
+
 __all__ = ["TTable", "p_and_derivative", "q_and_derivative", "lookup_backend"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -108,23 +110,12 @@ def _hermite_lookup(gamma: Tensor, q: Tensor, dq: Tensor, gamma_min: float, gamm
 
 def lookup_backend(device: torch.device, impl: str = "auto") -> str:
     """``"cpp"`` (the custom op ``torch.ops.duo_fast.ttable_lookup``) or ``"torch"`` for a
-    lookup on ``device``. ``impl`` (or ``DUO_FAST_TTABLE_IMPL``) forces one; a forced ``cpp``
-    that is not available raises, ``auto`` falls back with a one-time warning."""
-    from . import _ext
-
-    impl = os.environ.get("DUO_FAST_TTABLE_IMPL", impl) if impl == "auto" else impl
-    if impl not in ("auto", "cpp", "torch"):
-        raise ValueError(f"T-table lookup impl must be auto, cpp or torch, got {impl!r}")
-    if impl == "torch":
-        return "torch"
-    ok = _ext.AVAILABLE and (device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
-        "duo_fast::ttable_lookup", "CUDA" if device.type == "cuda" else device.type.upper()))
-    if ok:
-        return "cpp"
-    if impl == "cpp":
-        raise RuntimeError(f"the C++ T-table lookup is not available on {device} ({_ext.IMPORT_ERROR or 'no kernel'})")
-    _ext.warn_fallback_once()
-    return "torch"
+    lookup on ``device``, as the backend registry decides (``duo_fast.ops.backends``): ``impl``
+    (or ``DUO_FAST_TTABLE_IMPL``) forces one; a forced ``cpp`` that is not available raises,
+    ``auto`` falls back with a one-time warning. Records the choice."""
+    ran = backends.choose("ttable_lookup", device, impl).impl
+    backends.LAST_RUN["ttable_lookup"] = ran
+    return ran
 
 
 class _AlphaFunction(torch.autograd.Function):

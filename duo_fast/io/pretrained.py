@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import PREFIX
-from .model import PRESETS, DiT, DiTConfig
+from duo_fast.io.hf_folder import PREFIX
+from duo_fast.model import PRESETS, DiT, DiTConfig
 
 __all__ = ["load_pretrained", "PretrainedInfo", "CheckpointError", "load_pickle_checkpoint"]
 
@@ -63,7 +63,7 @@ def load_pickle_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> 
     ``weights_only=True``, then :mod:`duo_fast.safe_pickle` (objects of other classes, such as
     the OmegaConf config and tokenizer of a Lightning checkpoint, become inert records);
     ``trust_checkpoint=True`` allows arbitrary code, as plain ``torch.load`` would."""
-    from . import safe_pickle
+    from duo_fast.io import safe_pickle
 
     path = Path(path)
     if trust_checkpoint:
@@ -169,7 +169,7 @@ def lightning_metadata(obj: dict[str, Any]) -> dict[str, Any]:
     """What a public Lightning checkpoint says about its model, as plain data: ``config`` (the
     run's OmegaConf config as a dict, or {}), ``algo``, ``parameterization``, ``length``,
     ``model`` (the ``model`` section) and ``tokenizer`` (its plain record, or None)."""
-    from .safe_pickle import to_plain
+    from duo_fast.io.safe_pickle import to_plain
 
     hp = to_plain(obj.get("hyper_parameters"))
     if isinstance(hp, dict) and "__class__" in hp:          # a dict subclass (Lightning's AttributeDict)

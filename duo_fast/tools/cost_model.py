@@ -1,7 +1,7 @@
 """A static H100 cost model of duo_fast's kernels: what a GPU run would cost, judged on a machine
 with no GPU. Static estimates, never measurements.
 
-    python -m duo_fast.kernels.cost_model [--only MODULE] [--json PATH]
+    python -m duo_fast.tools.cost_model [--only MODULE] [--json PATH]
 
 1. **Compile exactly what runs.** Each operator's real launcher (``kernels/*.py``) is called at the
    GPU shapes of the small preset with ``meta`` tensors; every ``kernel[grid](...)`` it makes is
@@ -368,7 +368,7 @@ def _posterior_linear(dtype_name: str, arch: int, psi: bool = False) -> dict[str
     the Psi mixture (a per-token kappa read, the same single pass)."""
     import torch
 
-    from . import sample_posterior as sp
+    from duo_fast.kernels import sample_posterior as sp
 
     N, K, D = SHAPES["N_sample"], SHAPES["K"], SHAPES["D"]
     dt, es = torch.bfloat16, 2
@@ -412,7 +412,7 @@ def _posterior_nucleus(arch: int) -> dict[str, Any]:
     and its float64 posterior."""
     import torch
 
-    from . import sample_posterior as sp
+    from duo_fast.kernels import sample_posterior as sp
 
     N, K, D = SHAPES["N_sample"], SHAPES["K"], SHAPES["D"]
     nk = N * K
@@ -461,7 +461,7 @@ def _public_posterior_passes(nk: float) -> list[dict[str, Any]]:
 def _posterior_logits(arch: int) -> dict[str, Any]:
     import torch
 
-    from . import sample_posterior as sp
+    from duo_fast.kernels import sample_posterior as sp
 
     N, K = SHAPES["N_sample"], SHAPES["K"]
     logits = _meta(N, K, dtype=torch.bfloat16)
@@ -486,8 +486,8 @@ def _rb_loss_linear(dtype_name: str, arch: int) -> dict[str, Any]:
     fp32 parameters add the weight cast."""
     import torch
 
-    from . import gemm
-    from . import rb_loss as rb
+    from duo_fast.kernels import gemm
+    from duo_fast.kernels import rb_loss as rb
 
     N, K, D = SHAPES["N_train"], SHAPES["K"], SHAPES["D"]
     dt, es = torch.bfloat16, 2
@@ -589,7 +589,7 @@ def _relaxed(dtype_name: str, sparse: bool, arch: int) -> dict[str, Any]:
     backward regenerates P per chunk and accumulates ``P^T dh`` in fp32."""
     import torch
 
-    from . import relaxed_embedding as re_k
+    from duo_fast.kernels import relaxed_embedding as re_k
 
     N, K, D = SHAPES["N_train"], SHAPES["K"], SHAPES["D"]
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -647,18 +647,17 @@ def _relaxed(dtype_name: str, sparse: bool, arch: int) -> dict[str, Any]:
 
 def _adaptive_iterations(N: int, K: int, tau: float, block: int, k_max: int) -> dict[str, float]:
     """Loop iterations of the adaptive kernel per program (the largest k among its tokens) and
-    the mean k, from a draw of the PyTorch reference at the OWT recipe (gamma uniform per sequence
+    the mean k, from a draw of the PyTorch path at the OWT recipe (gamma uniform per sequence
     over [-3.55, -1.85], tau = 1e-3): a sample, not an assumption."""
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from duo_fast import reference as ref
+    from duo_fast.ops.relaxed_torch import adaptive_topk_relaxation
 
     g = torch.Generator().manual_seed(0)
     L = SHAPES["L"]
     gamma = (-3.55 + 1.7 * torch.rand(N // L, generator=g, dtype=torch.float64))[:, None].expand(N // L, L).reshape(-1)
     x0 = torch.randint(0, K, (N,), generator=g)
-    out = ref.adaptive_topk_relaxation_ref(x0, gamma, tau, K, 1e-6, k_max, generator=g, early_exit=True)
+    out = adaptive_topk_relaxation(x0, gamma, tau, K, 1e-6, k_max, generator=g, early_exit=True)
     k = out["k"].double()
     return {"iterations": float(k.view(-1, block).amax(1).mean()), "k_mean": float(k.mean()),
             "k_max": float(k.max()), "bound_max": float(out["bound"].max())}
@@ -670,13 +669,12 @@ def _relaxed_adaptive(dtype_name: str, arch: int) -> dict[str, Any]:
     whose CUDA kernels are not compiled here and are estimated from their memory traffic."""
     import torch
 
-    from . import relaxed_topk as rt
+    from duo_fast.kernels import relaxed_topk as rt
 
     N, K, D = SHAPES["N_train"], SHAPES["K"], SHAPES["D"]
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     es = torch.finfo(dt).bits // 8
     tau = 1e-3
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from duo_fast.ops.relaxed import resolve_mode
 
     mode, k_max = resolve_mode("auto", tau, K, -1.85)            # the trainer's choice at the OWT recipe
@@ -748,7 +746,6 @@ def op_reports(arch: int = 90, only: str | None = None) -> list[dict[str, Any]]:
 def whole_step(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Training micro-steps (curriculum, discrete) and a sampling step of the small model, ours
     and reference style, from the operator reports (bf16)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from duo_fast.model.config import DiTConfig
 
     L, K, D = SHAPES["L"], SHAPES["K"], SHAPES["D"]

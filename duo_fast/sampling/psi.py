@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference as ref
+from duo_fast.core.noise_schedule import alpha_cosine, alpha_loglinear
 
 __all__ = ["PsiConfig", "PSI_PRESETS", "time_grid", "mode_kappas", "step_kappas", "check_mode", "check_profile"]
 
@@ -144,7 +144,7 @@ def mode_kappas(mode: str, times: Tensor, schedule: str) -> Tensor:
 
 
 def _alpha(t: Tensor, schedule: str) -> Tensor:
-    return (ref.alpha_loglinear if schedule == "loglinear" else ref.alpha_cosine)(t)[0]
+    return (alpha_loglinear if schedule == "loglinear" else alpha_cosine)(t)[0]
 
 
 def step_kappas(psi: PsiConfig, times: Tensor, schedule: str) -> Tensor:

@@ -4,9 +4,9 @@ layouts, unsupported ops) and reports registers, spills and shared memory per co
 
 Each configuration is compiled exactly as the JIT builds it at launch: the real launcher is called
 on ``meta`` tensors of the shapes that select the configuration, its ``kernel[grid](...)`` call is
-captured, and Triton's own binder specialises it (``duo_fast.kernels.cost_model.jit_compile``).
+captured, and Triton's own binder specialises it (``duo_fast.tools.cost_model.jit_compile``).
 
-    python -m duo_fast.kernels.compile_check [--arch 90] [--jobs 2] [--only MODULE]
+    python -m duo_fast.tools.compile_check [--arch 90] [--jobs 2] [--only MODULE]
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions).
 """
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from .cost_model import _meta  # meta tensors of the launch shapes, shared with the cost model
+from duo_fast.tools.cost_model import _meta  # meta tensors of the launch shapes, shared with the cost model
 
 __all__ = ["configurations", "compile_one", "compile_all", "print_results", "resources_in_subprocess"]
 
@@ -43,7 +43,7 @@ def _sample_posterior_calls() -> list[tuple[str, Callable[[], Any]]]:
     pick, and every flag and dtype at the production shape (GPT-2 vocabulary, N = 65536, D = 768)."""
     import torch
 
-    from . import sample_posterior as sp
+    from duo_fast.kernels import sample_posterior as sp
 
     out = []
 
@@ -103,8 +103,8 @@ def _rb_loss_calls() -> list[tuple[str, Callable[[], Any]]]:
     chunk of the production shape (the op's GPU chunk of GPT-2 logits) and at small vocabularies."""
     import torch
 
-    from . import gemm
-    from . import rb_loss as rb
+    from duo_fast.kernels import gemm
+    from duo_fast.kernels import rb_loss as rb
 
     out = []
 
@@ -150,7 +150,7 @@ def _relaxed_calls() -> list[tuple[str, Callable[[], Any]]]:
     at the production shape (N = 16384 tokens, GPT-2 vocabulary, D = 768)."""
     import torch
 
-    from . import relaxed_embedding as re_k
+    from duo_fast.kernels import relaxed_embedding as re_k
 
     out = []
 
@@ -188,7 +188,7 @@ def _relaxed_topk_calls() -> list[tuple[str, Callable[[], Any]]]:
     two), at small and production shapes."""
     import torch
 
-    from . import relaxed_topk as rt
+    from duo_fast.kernels import relaxed_topk as rt
 
     def call(N: int, K: int, k_max: int) -> Callable[[], Any]:
         def run() -> Any:
@@ -205,7 +205,7 @@ def _gemm_calls() -> list[tuple[str, Callable[[], Any]]]:
     and a ragged K, at its users' production shapes and small ones."""
     import torch
 
-    from . import gemm
+    from duo_fast.kernels import gemm
 
     out = []
 
@@ -235,7 +235,7 @@ def configurations(only: str | None = None) -> list[tuple[str, str, str, Any]]:
     launchers pick: the real launchers called on meta tensors, their launches captured (not run).
     Launches with the same block sizes, flags and argument types count once (the first one's
     shapes, hence its divisibility specialisation, are compiled)."""
-    from .cost_model import capture_launches, specialization_key
+    from duo_fast.tools.cost_model import capture_launches, specialization_key
 
     out, seen = [], set()
     for module, calls in _CALLS.items():
@@ -275,7 +275,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 def compile_one(cfg: tuple, arch: int = 90) -> dict[str, Any]:
     """Compile one captured launch as the JIT would for ``sm_{arch}a``; registers, spills, shared memory."""
-    from .cost_model import jit_compile
+    from duo_fast.tools.cost_model import jit_compile
 
     module, kernel, label, launch = cfg
     t0 = time.perf_counter()
