@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=${COMPAT_TRITON:-"3.3.1 3.6.0"}
 ROOT=${COMPAT_DIR:-.compat}
-TESTS="tests/test_kernel_common.py tests/test_rb_loss.py tests/test_relaxed_embedding.py tests/test_sample_posterior_kernel.py tests/test_tails.py tests/test_relaxed_adaptive.py"
+TESTS="tests/kernels/test_kernel_common.py tests/ops/test_rb_loss.py tests/ops/test_relaxed_embedding.py tests/kernels/test_sample_posterior_kernel.py tests/kernels/test_tails.py tests/ops/test_relaxed_adaptive.py"
 status=0
 for v in $VERSIONS; do
   venv="$ROOT/triton-$v"

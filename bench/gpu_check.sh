@@ -66,7 +66,7 @@ add() { STEPS+=("$1|$2"); }   # add NAME "COMMAND"
 add wheels      "ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install --no-index --no-deps .whl/*.whl || echo 'no wheels to install'"
 add build_ext   "$PY -m pip install --no-index --no-build-isolation --no-deps -e . || $PY setup.py build_ext --inplace"
 add compile     "$PY -m duo_fast.tools.compile_check --arch \$($PY -c 'import torch; a, b = torch.cuda.get_device_capability(0); print(a * 10 + b)') --jobs 8 --json $OUT/compile.json"
-add kernel_tests "$PY -m pytest -q -p no:cacheprovider tests/test_rb_loss.py tests/test_relaxed_embedding.py tests/test_sample_posterior_kernel.py tests/test_posterior.py tests/test_ttable_op.py tests/test_sampling.py --junitxml $OUT/kernel_tests.xml"
+add kernel_tests "$PY -m pytest -q -p no:cacheprovider tests/ops/test_rb_loss.py tests/ops/test_relaxed_embedding.py tests/kernels/test_sample_posterior_kernel.py tests/ops/test_posterior.py tests/ops/test_ttable_op.py tests/sampling/test_sampling.py --junitxml $OUT/kernel_tests.xml"
 if [ $QUICK = 0 ]; then
   add all_tests "$PY -m pytest -q -p no:cacheprovider tests --junitxml $OUT/all_tests.xml"
 fi

@@ -2,7 +2,7 @@
 the device (``_local_scalar_dense`` and ``item``: a device value read by Python, a wait;
 ``lift_fresh``: Python data turned into a tensor, a blocking copy to the device and illegal
 inside a CUDA-graph capture). On CPU the same ops are dispatched, so a CPU run of the code the
-GPU runs shows every such crossing. Used by ``tests/test_host_sync.py``.
+GPU runs shows every such crossing. Used by ``tests/sampling/test_host_sync.py``.
 
 ``read_cpu`` is the one sanctioned exception: a read of a CPU tensor by a branch that only CPU
 tensors take (there is no device to wait for). It refuses any other tensor, and the counter books

@@ -3,11 +3,14 @@ noise the majority of z_t reveals x. The NELBO must fall far below its starting 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from duo_fast import reference as ref
 from duo_fast.model import DiT, DiTConfig
 from duo_fast.ops import rb_loss
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_dit_learns_from_context():

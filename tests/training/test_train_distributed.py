@@ -16,6 +16,8 @@ import torch
 
 from duo_fast.cli import main
 
+pytestmark = pytest.mark.slow
+
 deepspeed = pytest.importorskip("deepspeed")
 
 BASE = ["--device", "cpu", "--model", "tiny", "--tokenizer", "bundled", "--tokenizer-vocab", "512", "--length", "32",

@@ -19,7 +19,7 @@ from duo_fast.ops import backend
 from duo_fast.ops import extension as _ext
 from duo_fast.ops.ttable import lookup_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_ext = pytest.mark.skipif(not _ext.AVAILABLE, reason=f"duo_fast._C not built: {_ext.IMPORT_ERROR}")
 
 

@@ -16,6 +16,8 @@ import pytest
 
 import duo_fast.kernels as kernels_pkg
 
+pytestmark = pytest.mark.slow
+
 MODULES = sorted(m.name for m in pkgutil.iter_modules(kernels_pkg.__path__)
                  if m.name not in ("compile_check", "cost_model") and not m.name.startswith("_"))   # tools, helpers
 

@@ -46,6 +46,7 @@ def test_sampler_is_reproducible_and_seeded():
     assert stats["nfe"] == 4 and a.shape == (4, 16) and ((a >= 0) & (a < 61)).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_matches_eager():
     model = _model("cuda", K=1000)

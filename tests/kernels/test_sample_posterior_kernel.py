@@ -60,7 +60,7 @@ def test_both_kernels_draw_the_exact_posterior(kernel, final, psi):
     w = torch.randn(K, D, generator=g) * 0.3
     w[256:] += 0.2 * h                          # group masses about 0.13, 0.16, 0.7 (the last one partial)
     logits = (h @ w.T)[0]
-    if kernel == "logits":                      # bf16, as a model's logits come (fp32: tests/test_posterior.py)
+    if kernel == "logits":                      # bf16, as a model's logits come (fp32: tests/ops/test_posterior.py)
         logits = logits.bfloat16()
     i = int(logits.argmax())
     a_s, a_t = (1.0, 1e-6) if final == 1 else (0.7, 0.4)

@@ -17,7 +17,7 @@ from duo_fast.model import DiT, DiTConfig
 from duo_fast.sampling import SamplerConfig, generate
 from duo_fast.sampling.psi import PSI_PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SAMPLERS = {
     "greedy": dict(),

@@ -40,7 +40,7 @@ def test_bench_kernels_tiny_json(tmp_path):
 def test_gpu_check_dry_run_lists_steps_and_checks_prerequisites():
     import pathlib
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "bench" / "gpu_check.sh"
     proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
