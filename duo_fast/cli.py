@@ -383,7 +383,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(model, info, tokenizer or None, device) for ``sample`` and ``eval``."""
-    from duo_fast.data import check_tokenizer_vocab
+    from duo_fast.data import check_tokenizer_vocab, tokenizer_for_vocab
     from duo_fast.io.pretrained import CheckpointError, describe, load_pretrained
 
     device = _check_device(args.device)
@@ -394,8 +394,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         _fail(f"--checkpoint: cannot load it: {e}")
     print(f"loaded {describe(info)}")
     meta = info.extra
-    name = args.tokenizer or meta.get("tokenizer") or {50257: "gpt2", 50258: "gpt2", 30522: "bert-base-uncased"}.get(
-        info.vocab_size)
+    name = args.tokenizer or meta.get("tokenizer") or tokenizer_for_vocab(info.vocab_size)
     tokenizer = None
     if not args.tokenizer and info.tokenizer is not None:      # the one pickled in a public .ckpt (read as data)
         tokenizer, name = info.tokenizer, None

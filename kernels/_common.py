@@ -6,7 +6,9 @@ docs/math.md section 2, "Random draws"). Never imports duo_fast."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -150,3 +152,14 @@ def normal32(r0, r1):
     """The first (cosine) draw of :func:`normal_pair`."""
     a, _ = normal_pair(r0, r1)
     return a
+
+
+def meta(*shape: int, dtype: Any) -> Any:
+    """An empty ``meta`` tensor: a launch's shapes and dtypes with no memory (the compile check
+    and the cost model call the launchers on these)."""
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def torch_dtype(name: str) -> Any:
+    """``fp32``, ``bf16``, ``fp16`` -> the torch dtype."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -16,11 +16,14 @@ only the dot emulated (``_common.mma``). This module never imports duo_fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, mma
+from ._common import cast, interpreting, meta, mma, torch_dtype
 
 __all__ = ["matmul", "blocks", "FLAG_BLOCK"]
 
@@ -118,3 +121,33 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, 
                      ACCUMULATE=accumulate, SKIP=flags is not None, IEEE=ieee, EMULATE=interpreting(),
                      EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FB=FLAG_BLOCK, num_warps=_warps(bm, ieee))
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for duo_fast.tools.compile_check (meta tensors: nothing runs)
+# ---------------------------------------------------------------------------------------------
+
+def compile_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """kernels/gemm.py on its own: every operand dtype, with and without accumulation, skip flags
+    and a ragged K, at its users' production shapes and small ones."""
+    import torch
+
+    from . import gemm
+
+    out = []
+
+    def call(M: int, N_out: int, K: int, dt: str, accumulate: bool, flags: bool, transposed: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            a = meta(K, M, dtype=torch_dtype(dt)).t() if transposed else meta(M, K, dtype=torch_dtype(dt))
+            c = meta(M, N_out, dtype=torch.float32 if accumulate else torch_dtype(dt))
+            f = meta(-(-M // gemm.FLAG_BLOCK), -(-K // gemm.FLAG_BLOCK), dtype=torch.int8) if flags else None
+            return gemm.matmul(a, meta(K, N_out, dtype=torch_dtype(dt)), c, accumulate, ieee=dt == "fp32", flags=f)
+        return run
+
+    for dt in ("bf16", "fp16", "fp32"):
+        for M, N_out, K in ((16384, 768, 50304), (50304, 768, 2560), (100, 70, 300), (37, 20, 50)):
+            for accumulate in (False, True):
+                for flags in (False, True):
+                    out.append((f"mm {dt} M={M} N={N_out} K={K} acc={int(accumulate)} skip={int(flags)}",
+                                call(M, N_out, K, dt, accumulate, flags, accumulate)))
+    return out

@@ -31,13 +31,14 @@ duo_fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, linear_tile
+from ._common import cast, interpreting, linear_tile, meta, torch_dtype
 
 __all__ = ["rb_stats", "rb_grad", "rb_logits_linear", "rb_grad_linear", "stats_blocks", "grad_blocks",
            "linear_blocks", "padded_vocab", "NUM_STATS"]
@@ -369,3 +370,54 @@ def rb_grad_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zt
         raise ValueError("stats must be (9, N) and coefs (5, N), contiguous float32")
     return _launch_linear(_rb_grad_linear_kernel, h, weight, bias, _out(h, K, out), (zt, x0, beta, stats, coefs),
                           blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for duo_fast.tools.compile_check (meta tensors: nothing runs)
+# ---------------------------------------------------------------------------------------------
+
+def compile_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Every (BLOCK_M, BLOCK_K) of kernels/rb_loss.py's launchers in fp32, bf16 and fp16, at a
+    chunk of the production shape (the op's GPU chunk of GPT-2 logits) and at small vocabularies."""
+    import torch
+
+    from . import gemm
+    from . import rb_loss as rb
+
+    out = []
+
+    def call(N: int, K: int, dt: str, grad: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            logits, z = meta(N, K, dtype=torch_dtype(dt)), meta(N, dtype=torch.int64)
+            beta = meta(N, dtype=torch.float32)
+            if grad:
+                return rb.rb_grad(logits, z, z, beta, meta(9, N, dtype=torch.float32), meta(5, N, dtype=torch.float32),
+                                  out=logits)
+            return rb.rb_stats(logits, z, z, beta)
+        return run
+
+    def linear_call(N: int, K: int, D: int, dt: str, what: str) -> Callable[[], Any]:
+        def run() -> Any:
+            h, w, b = meta(N, D, dtype=torch_dtype(dt)), meta(K, D, dtype=torch_dtype(dt)), meta(K, dtype=torch_dtype(dt))
+            Kp = rb.padded_vocab(K)
+            if what == "logits":
+                return rb.rb_logits_linear(h, w, b)
+            if what == "grad":
+                z, beta = meta(N, dtype=torch.int64), meta(N, dtype=torch.float32)
+                return rb.rb_grad_linear(h, w, b, z, z, beta, meta(9, N, dtype=torch.float32),
+                                         meta(5, N, dtype=torch.float32))
+            return gemm.matmul(meta(N, Kp, dtype=torch_dtype(dt)).t(), h, meta(K, D, dtype=torch.float32), True,
+                               ieee=dt == "fp32")
+        return run
+
+    for K in sorted({2**i for i in range(1, 17)} | {50257}):
+        for dt in ("fp32", "bf16", "fp16"):
+            N = 2560 if K == 50257 else 1000
+            out.append((f"stats {dt} K={K}", call(N, K, dt, False)))
+            out.append((f"grad {dt} K={K}", call(N, K, dt, True)))
+    # the fused-projection path of rb_loss_linear: logits, logits + gradient, dW += dlogits^T h
+    for dt in ("fp32", "bf16", "fp16"):
+        for N, K, D in ((2560, 50257, 768), (1024, 50257, 768), (100, 300, 70), (37, 20, 20)):
+            for what in ("logits", "grad", "dW"):
+                out.append((f"linear {what} {dt} N={N} K={K} D={D}", linear_call(N, K, D, dt, what)))
+    return out

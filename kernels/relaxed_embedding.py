@@ -32,11 +32,14 @@ dot emulated. This module never imports duo_fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, interpreting, normal_pair
+from ._common import cast, interpreting, meta, normal_pair, torch_dtype
 from .gemm import FLAG_BLOCK, matmul
 from .gemm import blocks as gemm_blocks
 
@@ -288,3 +291,45 @@ def relaxed_bwd(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, norm: torc
         matmul(buf[:rows].t(), dh_op[r0:r0 + n], de, True, ieee, flags[:rows // FLAG_BLOCK].t() if sparse else None,
                blocks)
     return de
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for duo_fast.tools.compile_check (meta tensors: nothing runs)
+# ---------------------------------------------------------------------------------------------
+
+def compile_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Every block configuration of kernels/relaxed_embedding.py's launchers; every flag and dtype
+    at the production shape (N = 16384 tokens, GPT-2 vocabulary, D = 768)."""
+    import torch
+
+    from . import relaxed_embedding as re_k
+
+    out = []
+
+    def call(N: int, K: int, D: int, dt: str, sparse: bool, has_eps: bool, backward: bool,
+             ieee: bool = False) -> Callable[[], Any]:
+        def run() -> Any:
+            x0, at = meta(N, dtype=torch.int64), meta(N, dtype=torch.float32)
+            eps = meta(N, K, dtype=torch.float32) if has_eps else None
+            if backward:
+                return re_k.relaxed_bwd(x0, at, at, meta(2, N, dtype=torch.float32), meta(N, D, dtype=torch_dtype(dt)), K,
+                                        1e-3, 2**61 + 7, sparse, eps, ieee=ieee)
+            return re_k.relaxed_fwd(x0, at, at, meta(K, D, dtype=torch_dtype(dt)), 1e-3, 2**61 + 7, sparse, eps, ieee=ieee)
+        return run
+
+    for N in (1, 100, 32768):
+        for K in (20, 100, 600, 50257):
+            for D in (20, 70, 768):
+                for backward in (False, True):
+                    for ieee in (False, True):
+                        out.append((f"{'bwd' if backward else 'fwd'} fp32{' ieee' if ieee else ''} N={N} K={K} D={D}",
+                                    call(N, K, D, "fp32", True, False, backward, ieee)))
+    for dt in ("fp32", "bf16", "fp16"):
+        for sparse in (False, True):
+            for has_eps in (False, True):
+                for backward in (False, True):
+                    for ieee in (False, True) if dt == "fp32" else (False,):
+                        out.append((f"{'bwd' if backward else 'fwd'} {dt}{' ieee' if ieee else ''} production "
+                                    f"sparse={int(sparse)} eps={int(has_eps)}",
+                                    call(16384, 50257, 768, dt, sparse, has_eps, backward, ieee)))
+    return out

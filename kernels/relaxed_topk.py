@@ -20,12 +20,14 @@ interpreter. O(k) work per token; no K-wide noise. This module never imports duo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import exponential32, normal32
+from ._common import exponential32, meta, normal32
 
 __all__ = ["adaptive_topk", "block_tokens", "kmax_constexpr"]
 
@@ -178,3 +180,24 @@ def adaptive_topk(x0: torch.Tensor, at: torch.Tensor, st: torch.Tensor, K: int, 
         _adaptive_topk_kernel[grid](x0, at, st, ids, w, wt, zt, k, bound, N, K, k_max, seed, 1.0 / tau,
                                     math.log(tol), (2**32) % (K - 1), BLOCK=block, KMAX=kc, STREAM=_STREAM)
     return {"ids": ids, "weights": wt, "w": w, "zt": zt, "k": k, "bound": bound}
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for duo_fast.tools.compile_check (meta tensors: nothing runs)
+# ---------------------------------------------------------------------------------------------
+
+def compile_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Every column count of kernels/relaxed_topk.py's launcher (k_max rounded up to a power of
+    two), at small and production shapes."""
+    import torch
+
+    from . import relaxed_topk as rt
+
+    def call(N: int, K: int, k_max: int) -> Callable[[], Any]:
+        def run() -> Any:
+            x0, at = meta(N, dtype=torch.int64), meta(N, dtype=torch.float32)
+            return rt.adaptive_topk(x0, at, at, K, 1e-3, 1e-6, k_max, 2**61 + 7)
+        return run
+
+    return [(f"adaptive N={N} K={K} k_max={k}", call(N, K, k)) for N in (1, 100, 16384) for K in (20, 100, 50257)
+            for k in (1, 2, 8, 19, 32, 64)]

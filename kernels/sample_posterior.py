@@ -32,21 +32,28 @@ scaled by ``log2(e)`` and shifted by a constant, the same draw (and a group's sc
 ``log2(mass) - log2(log2(e) E)`` likewise). The mixture uniform has 53 bits; the uniform id
 uses ``(r * K) >> 32`` (relative bias at most ``K / 2^32``).
 
-``FINAL``: 0 posterior at ``(a_s, a_t)``, 1 ancestral final step (``a_s = 1``), 2 greedy
-(``argmax logits``). This module never imports duo_fast.
+``FINAL``, the kind of step: ``POSTERIOR`` (the posterior at ``(a_s, a_t)``), ``ANCESTRAL`` (the
+final step with ``a_s = 1``) or ``GREEDY`` (``argmax logits``). This module never imports duo_fast.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import exponential32_log2e, interpreting, lg2_approx, linear_tile
+from ._common import exponential32_log2e, interpreting, lg2_approx, linear_tile, meta, torch_dtype
 
-__all__ = ["sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks",
+__all__ = ["POSTERIOR", "ANCESTRAL", "GREEDY",
+           "sample_posterior_fwd", "sample_posterior_linear_fwd", "nucleus_cut_fwd", "logits_blocks", "linear_blocks",
            "draw_block"]
 
+POSTERIOR = tl.constexpr(0)        # the kinds of step (FINAL)
+ANCESTRAL = tl.constexpr(1)
+GREEDY = tl.constexpr(2)
 _GUMBEL_STREAM = tl.constexpr(0)   # Philox counter word 2 of each stream (module docstring)
 _MIX_STREAM = tl.constexpr(1)
 _GROUP_STREAM = tl.constexpr(2)
@@ -59,7 +66,7 @@ def _mixture_choice(best, zt, x_i, a_s, a_t, kappa, row, seed, K, FINAL: tl.cons
     """Pick among (best: a draw from x_theta, a uniform id, zt) with the posterior's weights.
     x_i, a_s, a_t, kappa: float64 per row; best, zt, row: int32 per row."""
     Kf = K.to(tl.float64)
-    if FINAL == 1:
+    if FINAL == ANCESTRAL:
         a_s = a_s * 0.0 + 1.0
     A = a_s - a_t
     Bu = (a_s - a_t) / a_s * (1.0 - a_s)
@@ -119,7 +126,7 @@ def _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, see
     m_new = tl.maximum(m_i, tl.max(logit, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows still all -inf (nucleus-filtered)
     s_i = s_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(logit - m_ref[:, None]), 1)
-    if FINAL == 2:
+    if FINAL == GREEDY:
         score = logit
     else:
         score = logit + _gumbel_tile(seed, rows, k0, logit.shape[0], logit.shape[1])
@@ -136,7 +143,7 @@ def _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, see
 def _drawn_logit(raw, ok, cut, FINAL: tl.constexpr):
     """The logit the logits kernel's draw sees, the same bits in both passes and at z_t: times
     log2(e) (not when greedy), -inf where not ``ok`` or below the row's nucleus ``cut``."""
-    if FINAL != 2:
+    if FINAL != GREEDY:
         scaled = raw * _LOG2E
     else:
         scaled = raw
@@ -189,7 +196,7 @@ def _draw_in_group(base, rows, rmask, best_g, cut, K, seed, BLOCK_K: tl.constexp
 @triton.jit
 def _finish(rows, rmask, zt, m_i, s_i, best_i, l_i, a_s_ptr, a_t_ptr, kappa_ptr, out_ptr, seed, K,
             FINAL: tl.constexpr, USE_PSI: tl.constexpr):
-    if FINAL == 2:
+    if FINAL == GREEDY:
         out = best_i
     else:
         x_i = tl.exp2(l_i - (m_i + tl.log2(s_i))).to(tl.float64)     # x_theta[z_t] (base-2 state)
@@ -226,12 +233,12 @@ def _sample_posterior_kernel(logits_ptr, stride_n, zt_ptr, a_s_ptr, a_t_ptr, kap
         cmask = cols < K
         raw = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         logit = _drawn_logit(raw, cmask[None, :], cut, FINAL)
-        if FINAL == 2:
+        if FINAL == GREEDY:
             m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i,
                                                            seed, FINAL)
         else:
             m_i, s_i, best_v, best_i = _grouped_update(logit, k0, rows, m_i, s_i, best_v, best_i, seed)
-    if FINAL != 2:
+    if FINAL != GREEDY:
         best_i = _draw_in_group(base, rows, rmask, best_i, cut, K, seed, BLOCK_K)
         raw_zt = tl.load(base + zt[:, None], mask=rmask[:, None], other=0.0).to(tl.float32)
         l_i = tl.sum(_drawn_logit(raw_zt, rmask[:, None], cut, FINAL), 1)           # the logit at z_t
@@ -307,7 +314,7 @@ def _sample_posterior_linear_kernel(h_ptr, stride_hn, w_ptr, stride_wk, b_ptr, z
         acc = linear_tile(h_rows, w_rows, D, IEEE, EMULATE, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)   # h @ W_chunk^T
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if FINAL != 2:                                                  # base 2 (as the logits kernel rounds it)
+        if FINAL != GREEDY:                                                  # base 2 (as the logits kernel rounds it)
             acc = acc * _LOG2E
         logit = tl.where(cmask[None, :], acc, float("-inf"))
         m_i, s_i, best_v, best_i, l_i = _online_update(logit, k0, cols, rows, zt, m_i, s_i, best_v, best_i, l_i, seed,
@@ -453,4 +460,68 @@ def sample_posterior_linear_fwd(h: torch.Tensor, weight: torch.Tensor, bias: tor
         EMULATE=interpreting(),
         SEED_FROM_PTR=seed_ptr is not None, EVEN_D=D % bd == 0, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd,
         num_warps=8 if bn == 128 else 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for duo_fast.tools.compile_check (meta tensors: nothing runs)
+# ---------------------------------------------------------------------------------------------
+
+def compile_calls() -> list[tuple[str, Callable[[], Any]]]:
+    """Launcher calls of kernels/sample_posterior.py: every block configuration its launchers can
+    pick, and every flag and dtype at the production shape (GPT-2 vocabulary, N = 65536, D = 768)."""
+    import torch
+
+    from . import sample_posterior as sp
+
+    out = []
+
+    def logits_call(N: int, K: int, dt: str, final: int, psi: bool, seed_tensor: bool,
+                    cut: bool = False) -> Callable[[], Any]:
+        def call() -> Any:
+            a = meta(N, dtype=torch.float64)
+            seed = meta(1, dtype=torch.int64) if seed_tensor else 2**61 + 7
+            return sp.sample_posterior_fwd(meta(N, K, dtype=torch_dtype(dt)), meta(N, dtype=torch.int64), a, a,
+                                           a if psi else None, seed, final,
+                                           cut=meta(N, dtype=torch.float32) if cut else None)
+        return call
+
+    def cut_call(N: int, K: int, dt: str) -> Callable[[], Any]:
+        return lambda: sp.nucleus_cut_fwd(meta(N, K, dtype=torch_dtype(dt)), 0.9)
+
+    def linear_call(N: int, K: int, D: int, dt: str, final: int, psi: bool, bias: bool,
+                    seed_tensor: bool) -> Callable[[], Any]:
+        def call() -> Any:
+            a = meta(N, dtype=torch.float64)
+            seed = meta(1, dtype=torch.int64) if seed_tensor else 2**61 + 7
+            return sp.sample_posterior_linear_fwd(meta(N, D, dtype=torch_dtype(dt)), meta(K, D, dtype=torch_dtype(dt)),
+                                                  meta(K, dtype=torch_dtype(dt)) if bias else None,
+                                                  meta(N, dtype=torch.int64), a, a, a if psi else None, seed, final)
+        return call
+
+    for K in sorted({2**i for i in range(1, 17)} | {50257}):
+        out.append((f"logits fp32 K={K}", logits_call(1000, K, "fp32", 0, False, False)))
+    for dt in ("bf16", "fp16", "fp32"):
+        for final in (0, 1, 2):
+            for psi in (False, True):
+                for seed_tensor in (False, True):
+                    out.append((f"logits {dt} K=50257 final={final} psi={int(psi)} seed_ptr={int(seed_tensor)}",
+                                logits_call(65536, 50257, dt, final, psi, seed_tensor)))
+        for final in (0, 1):
+            for psi in (False, True):
+                out.append((f"logits {dt} K=50257 nucleus final={final} psi={int(psi)}",
+                            logits_call(65536, 50257, dt, final, psi, True, cut=True)))
+        out.append((f"nucleus cut {dt} K=50257", cut_call(65536, 50257, dt)))
+    for K in (2, 20, 1000, 4096):
+        out.append((f"nucleus cut fp32 K={K}", cut_call(100, K, "fp32")))
+    for N in (1, 64):
+        for K in (2, 20, 40, 70, 128):
+            for D in (2, 20, 40, 64):
+                out.append((f"linear fp32 N={N} K={K} D={D}", linear_call(N, K, D, "fp32", 0, False, True, False)))
+    for dt in ("bf16", "fp16", "fp32"):
+        for final in (0, 1, 2):
+            for psi in (False, True):
+                for bias in (False, True):
+                    out.append((f"linear {dt} production final={final} psi={int(psi)} bias={int(bias)}",
+                                linear_call(65536, 50257, 768, dt, final, psi, bias, True)))
     return out

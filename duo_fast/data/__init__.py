@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["bundled_documents", "bundled_corpus_path", "get_tokenizer", "train_bpe_tokenizer",
+__all__ = ["bundled_documents", "bundled_corpus_path", "cache_root", "get_tokenizer", "train_bpe_tokenizer",
            "load_text_documents", "wrap_blocks", "padded_blocks", "loss_mask_id", "PADDED_DATASETS",
            "tokenize_documents", "special_ids", "blocks_from_documents", "check_tokenizer_vocab", "held_out_split",
+           "tokenizer_for_vocab", "TOKENIZER_BY_VOCAB",
            "hub_error",
            "BlockDataset"]
 
@@ -47,7 +48,8 @@ def bundled_documents() -> list[str]:
         return [ln.strip() for ln in f if ln.strip()]
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where duo_fast caches tokenizers, T tables and blocks: ``$DUO_FAST_CACHE`` or ``~/.cache/duo_fast``."""
     return Path(os.environ.get("DUO_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "duo_fast")))
 
 
@@ -91,7 +93,7 @@ def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
     """A tokenizer by name: ``"bundled"`` (BPE of ``vocab_size`` trained on the bundled corpus,
     cached under ``$DUO_FAST_CACHE``), a local tokenizer folder, or a hub name such as ``gpt2``."""
     if name_or_path == "bundled":
-        path = _cache_root() / "tokenizers" / f"jargon-bpe-{vocab_size}"
+        path = cache_root() / "tokenizers" / f"jargon-bpe-{vocab_size}"
         if (path / "tokenizer.json").exists():
             return load_local_tokenizer(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +106,15 @@ def get_tokenizer(name_or_path: str = "bundled", vocab_size: int = 4096) -> Any:
                              f"{str(e).splitlines()[0][:200]})") from e
         raise ValueError(f"tokenizer {name_or_path!r} could not be loaded from the Hugging Face hub "
                          f"({type(e).__name__}); offline, pass a local tokenizer folder") from e
+
+
+# the tokenizers of the public checkpoints, by vocabulary size: the guess when a checkpoint names none
+TOKENIZER_BY_VOCAB = {50257: "gpt2", 50258: "gpt2", 30522: "bert-base-uncased"}
+
+
+def tokenizer_for_vocab(vocab_size: int) -> str | None:
+    """The public tokenizer of a model with ``vocab_size`` ids (gpt2, bert-base-uncased), else None."""
+    return TOKENIZER_BY_VOCAB.get(vocab_size)
 
 
 def check_tokenizer_vocab(tokenizer: Any, vocab_size: int) -> None:

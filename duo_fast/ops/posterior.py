@@ -16,15 +16,30 @@ from the same distribution with different random streams.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import Tensor
 
 from duo_fast.core.draws import exponential_draws
 from duo_fast.ops.backends import seed_from, token_rows, use_triton
 
-__all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights", "NUCLEUS_METHOD"]
+__all__ = ["sample_posterior", "sample_posterior_linear", "nucleus_filter", "mixture_weights", "NUCLEUS_METHOD",
+           "StepKind", "STEP_KINDS"]
 
-FINAL_MODES = {None: 0, "ancestral": 1, "greedy": 2}
+
+class StepKind(enum.IntEnum):
+    """The kind of a draw: the posterior at ``(alpha_s, alpha_t)``, or a final step at ``t_min``
+    (``ANCESTRAL``: the posterior with ``alpha_s = 1``; ``GREEDY``: the argmax of the logits).
+    The values are the Triton kernels' ``FINAL`` constants (``kernels.sample_posterior``)."""
+
+    POSTERIOR = 0
+    ANCESTRAL = 1
+    GREEDY = 2
+
+
+# the ``final=`` argument of the public operators -> the kind of draw
+STEP_KINDS = {None: StepKind.POSTERIOR, "ancestral": StepKind.ANCESTRAL, "greedy": StepKind.GREEDY}
 
 
 def nucleus_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -68,20 +83,20 @@ def _kernel_seed(seed: int | Tensor | None, generator: torch.Generator | None) -
 
 
 def _check(logits_shape: torch.Size, zt: Tensor, final: str | None) -> None:
-    if final not in FINAL_MODES:
-        raise ValueError(f"final must be one of {tuple(FINAL_MODES)}, got {final!r}")
+    if final not in STEP_KINDS:
+        raise ValueError(f"final must be one of {tuple(STEP_KINDS)}, got {final!r}")
     if len(logits_shape) != 3 or zt.shape != logits_shape[:2]:
         raise ValueError(f"need (B, L, K) scores and zt (B, L); got {tuple(logits_shape)}, {tuple(zt.shape)}")
 
 
 def _sample_rows(logits: Tensor, zt: Tensor, a_s: Tensor, a_t: Tensor, kappa: Tensor | None,
-                 generator: torch.Generator | None, final: int) -> Tensor:
+                 generator: torch.Generator | None, kind: StepKind) -> Tensor:
     """One chunk of rows: logits (n, K), zt (n,), a_s/a_t/kappa (n,) float64 -> (n,) int64."""
-    if final == 2:
+    if kind == StepKind.GREEDY:
         return logits.argmax(-1)
     K = logits.shape[-1]
     logits = logits.float()
-    if final == 1:
+    if kind == StepKind.ANCESTRAL:
         a_s = torch.ones_like(a_t)
     lse = torch.logsumexp(logits, -1)
     x_i = torch.exp(logits.gather(-1, zt[..., None])[..., 0] - lse).double()
@@ -109,8 +124,8 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
     _check(logits.shape, zt, final)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    mode = FINAL_MODES[final]
-    nucleus = top_p < 1 and mode != 2
+    kind = STEP_KINDS[final]
+    nucleus = top_p < 1 and kind != StepKind.GREEDY
     B, L, K = logits.shape
     a_s, a_t, kap = token_rows(alpha_s, zt), token_rows(alpha_t, zt), token_rows(kappa, zt)
     if use_triton(logits, impl, "sample_posterior"):
@@ -118,18 +133,18 @@ def sample_posterior(logits: Tensor, zt: Tensor, alpha_s: Tensor | float, alpha_
 
         flat = logits.reshape(B * L, K).contiguous()
         cut = nucleus_cut_fwd(flat, top_p) if nucleus else None
-        out = sample_posterior_fwd(flat, zt.reshape(-1).contiguous(), a_s, a_t, kap, _kernel_seed(seed, generator), mode,
+        out = sample_posterior_fwd(flat, zt.reshape(-1).contiguous(), a_s, a_t, kap, _kernel_seed(seed, generator), int(kind),
                                    cut=cut)
         return out.view(B, L)
     if generator is None and seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(int(seed) & ((1 << 63) - 1))
     flat = logits.reshape(B * L, K)
     rows = (lambda s, e: nucleus_filter(flat[s:e], top_p)) if nucleus else (lambda s, e: flat[s:e])
-    return _chunked(rows, zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
+    return _chunked(rows, zt, a_s, a_t, kap, generator, kind, chunk_tokens).view(B, L)
 
 
 def _chunked(logits_of, zt: Tensor, a_s: Tensor, a_t: Tensor, kap: Tensor | None, generator: torch.Generator | None,
-             mode: int, chunk_tokens: int) -> Tensor:
+             kind: StepKind, chunk_tokens: int) -> Tensor:
     """The PyTorch path over ``chunk_tokens`` rows at a time: at most ``chunk_tokens x K``
     temporaries, never ``B x L x K``. ``logits_of(start, end)`` gives the rows' logits."""
     flat_z = zt.reshape(-1)
@@ -137,7 +152,7 @@ def _chunked(logits_of, zt: Tensor, a_s: Tensor, a_t: Tensor, kap: Tensor | None
     for s in range(0, flat_z.numel(), chunk_tokens):
         e = min(flat_z.numel(), s + chunk_tokens)
         out[s:e] = _sample_rows(logits_of(s, e), flat_z[s:e], a_s[s:e], a_t[s:e], None if kap is None else kap[s:e],
-                                generator, mode)
+                                generator, kind)
     return out
 
 
@@ -159,8 +174,8 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
     _check(torch.Size((B, L, K)), zt, final)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    mode = FINAL_MODES[final]
-    nucleus = top_p < 1 and mode != 2
+    kind = STEP_KINDS[final]
+    nucleus = top_p < 1 and kind != StepKind.GREEDY
     if nucleus and use_triton(h, impl, "sample_posterior_linear"):
         logits = torch.nn.functional.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
         return sample_posterior(logits, zt, alpha_s, alpha_t, seed=seed, generator=generator, final=final, top_p=top_p,
@@ -172,7 +187,7 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
         w = weight.to(h.dtype).contiguous()
         b = None if bias is None else bias.to(h.dtype).contiguous()
         out = sample_posterior_linear_fwd(h.reshape(B * L, D).contiguous(), w, b, zt.reshape(-1).contiguous(), a_s,
-                                          a_t, kap, _kernel_seed(seed, generator), mode)
+                                          a_t, kap, _kernel_seed(seed, generator), int(kind))
         return out.view(B, L)
     if generator is None and seed is not None:
         generator = torch.Generator(device=h.device).manual_seed(int(seed) & ((1 << 63) - 1))
@@ -183,4 +198,4 @@ def sample_posterior_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: 
         logits = torch.nn.functional.linear(flat_h[s:e].float(), w, b)
         return nucleus_filter(logits, top_p) if nucleus else logits
 
-    return _chunked(rows, zt, a_s, a_t, kap, generator, mode, chunk_tokens).view(B, L)
+    return _chunked(rows, zt, a_s, a_t, kap, generator, kind, chunk_tokens).view(B, L)

@@ -28,7 +28,8 @@ from torch import Tensor
 from duo_fast.ops import backends
 from duo_fast.ops.backends import token_rows
 
-__all__ = ["rb_loss", "rb_loss_linear", "log1p_minus_x", "default_chunk_tokens"]
+__all__ = ["rb_loss", "rb_loss_linear", "log1p_minus_x", "default_chunk_tokens", "stats_torch", "grad_torch",
+           "grad_coefficients"]
 
 NUM_STATS = 9
 
@@ -55,7 +56,7 @@ def default_chunk_tokens(K: int, device: torch.device, elem_bytes: int = 4) -> i
 # Per-chunk statistics and gradients, PyTorch (the Triton kernels compute the same quantities)
 # ---------------------------------------------------------------------------------------------
 
-def _stats_torch(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor) -> Tensor:
+def stats_torch(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor) -> Tensor:
     """(n, K) logits -> (9, n) float32 ``[lse, l_i, l_x, rem, s1d, Q, bT2, cpi, cpx]``.
     ``rem`` is only used where ``beta <= 1`` (rare in training: ``a < 1/(K + 1)``), so it is only
     computed on those rows, in float64 (per element ``log1p(x) - x`` then loses ~1e-16 x; the
@@ -86,7 +87,7 @@ def _stats_torch(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor) -> Tensor
     return torch.stack([lse, l_i, l_x, rem, s1d, q, bt2, cp[0], cp[1]])
 
 
-def _grad_torch(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, coefs: Tensor) -> Tensor:
+def grad_torch(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, coefs: Tensor) -> Tensor:
     """(n, K) logits -> d loss/d logits (n, K) in the logits' dtype (see kernels/rb_loss.py)."""
     lse, q, bt2 = stats[0, :, None], stats[5, :, None], stats[6, :, None]
     cd, ce, cx, ce_c, cx_c = (c[:, None] for c in coefs)
@@ -115,7 +116,7 @@ def _stats(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, impl: str) -> T
     if impl == "cpp":
         lf = logits.float()
         return torch.ops.duo_fast.rb_stats_cpu(lf if lf.stride(1) == 1 else lf.contiguous(), zt, x0, beta)
-    return _stats_torch(logits, zt, x0, beta)
+    return stats_torch(logits, zt, x0, beta)
 
 
 def _grad(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, coefs: Tensor, impl: str,
@@ -134,7 +135,7 @@ def _grad(logits: Tensor, zt: Tensor, x0: Tensor, beta: Tensor, stats: Tensor, c
             out = lf if own else torch.empty_like(lf)
         res = torch.ops.duo_fast.rb_grad_cpu(lf, zt, x0, beta, stats, coefs, out)
         return res.to(logits.dtype)
-    return _grad_torch(logits, zt, x0, beta, stats, coefs)
+    return grad_torch(logits, zt, x0, beta, stats, coefs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def _loss_from_stats(stats: Tensor, eq: Tensor, a: Tensor, da: Tensor, K: int) -
     return da / (K * a) * (term1 - term2)
 
 
-def _grad_coefficients(stats: Tensor, eq: Tensor, a: Tensor, da: Tensor, K: int, g: Tensor) -> Tensor:
+def grad_coefficients(stats: Tensor, eq: Tensor, a: Tensor, da: Tensor, K: int, g: Tensor) -> Tensor:
     """(5, N) float32 ``[cd, ce, cx, ce (1 - p_i), cx (1 - p_x)]`` of the elementwise gradient
     ``cd p_m (r_m - Q) - p_m (ce + cx) + [m = z_t] ce + [m = x != z_t] cx`` (section 3's
     gradient regrouped; ``g`` (N,) is the upstream gradient)."""
@@ -219,7 +220,7 @@ class _RBLoss(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         logits, zt, x0, a, da, beta, stats = ctx.saved_tensors
         N, K = logits.shape
-        coefs = _grad_coefficients(stats, zt == x0, a, da, K, grad.double())
+        coefs = grad_coefficients(stats, zt == x0, a, da, K, grad.double())
         if ctx.impl == "triton":
             dl = _grad(logits, zt, x0, beta, stats, coefs, ctx.impl)
         else:
@@ -271,7 +272,7 @@ class _RBLossLinear(torch.autograd.Function):
         h, weight, bias, zt, x0, a, da, beta, stats = ctx.saved_tensors
         N = h.shape[0]
         K = ctx.vocab
-        coefs = _grad_coefficients(stats, zt == x0, a, da, K, grad.double())
+        coefs = grad_coefficients(stats, zt == x0, a, da, K, grad.double())
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(h) if need_h else None
         # dW and db are written by the first chunk and accumulated by the others (no zero fill)

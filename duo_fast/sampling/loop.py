@@ -1,6 +1,6 @@
 """Few-step ancestral sampling of a Duo denoiser (docs/math.md section 2).
 
-``z_1 ~ Uniform``; times ``linspace(1, t_min, N + 1)`` (or a Psi time profile, ``duo_fast.psi``);
+``z_1 ~ Uniform``; times ``linspace(1, t_min, N + 1)`` (or a Psi time profile, ``sampling.psi``);
 each of the ``N`` steps is one denoiser call at ``(z_t, sigma = -log alpha_t)`` and one exact
 posterior draw (a Psi mixture when ``kappa`` or ``psi`` is set: per-step kappas computed on the
 host before the loop); then the final step at ``t_min``: ``greedy`` (argmax of one more

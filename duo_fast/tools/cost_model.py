@@ -45,6 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from duo_fast.kernels._common import meta as _meta  # meta tensors of the launch shapes
+
 __all__ = ["H100", "SHAPES", "capture_launches", "jit_compile", "specialization_key", "analyse_sass",
            "estimate_launch", "op_reports", "whole_step", "report", "main"]
 
@@ -320,12 +322,6 @@ def _pass(name: str, elements: float, bytes_per_element: float) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------
 # 4. The operators: our launches and the reference-style path, at the GPU shapes
 # ---------------------------------------------------------------------------------------------
-
-def _meta(*shape: int, dtype: Any) -> Any:
-    import torch
-
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
 
 def _triton_step(name: str, call: Callable[[], Any], model: Callable[[Launch], dict[str, Any]],
                  arch: int) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ complete checkpoints loadable.
 
 Reading never runs code from the folder: ``state.pt`` and ``rank{r}.pt`` hold only tensors and
 plain data and are read with ``weights_only=True``; the engine's files are first read by
-:mod:`duo_fast.safe_pickle` (which refuses code-running globals unrun) before DeepSpeed loads
+:mod:`duo_fast.io.safe_pickle` (which refuses code-running globals unrun) before DeepSpeed loads
 them. :func:`load_newest` falls back to the previous complete checkpoint when the newest cannot
 be read (the ranks agree), moving the bad one aside to ``ROOT/corrupt-step...``.
 """
@@ -32,7 +32,7 @@ from duo_fast.training.engine import barrier
 
 __all__ = ["write_checkpoint", "read_checkpoint", "latest_checkpoint", "complete_checkpoints", "load_newest",
            "CheckpointReadError", "StopFlag", "mean_over_ranks", "gather_ints", "generator_states",
-           "set_generator_states"]
+           "set_generator_states", "read_plain"]
 
 
 class CheckpointReadError(RuntimeError):
@@ -85,7 +85,7 @@ def write_checkpoint(root: Path, step: int, engine: Any, rank: int, shared: dict
     return final
 
 
-def _load_plain(path: Path) -> Any:
+def read_plain(path: Path) -> Any:
     """A file of tensors and plain data, read with ``weights_only=True``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -110,8 +110,8 @@ def _verify_engine_files(path: Path, rank: int) -> None:
 
 def read_checkpoint(path: Path, engine: Any, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(shared state, this rank's state), with the engine restored from ``path``."""
-    shared = _load_plain(path / "state.pt")
-    mine = _load_plain(path / f"rank{rank}.pt")
+    shared = read_plain(path / "state.pt")
+    mine = read_plain(path / f"rank{rank}.pt")
     _verify_engine_files(path, rank)
     try:
         engine.load(path)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from duo_fast.core.draws import stratified_times
 from duo_fast.core.options import option
 from duo_fast.core.seeds import micro_seed
-from duo_fast.data import check_tokenizer_vocab
+from duo_fast.data import check_tokenizer_vocab, tokenizer_for_vocab
 from duo_fast.model import DiT
 from duo_fast.ops import coupled_latents
 from duo_fast.ops.ttable import TTable
@@ -138,10 +138,6 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, direction: str
     return (lt.exp() * (lt - ls)).sum(-1)
 
 
-# the tokenizer of a checkpoint that names none, by its vocabulary size (as ``duo-fast sample`` guesses it)
-_TOKENIZER_BY_VOCAB = {50257: "gpt2", 50258: "gpt2", 30522: "bert-base-uncased"}
-
-
 class Distiller(Session):
     """One rank's state of a DCD run (the harness's :class:`Session`): the student (``model``),
     its frozen teacher and ``train_step(step)``, one optimizer update."""
@@ -159,7 +155,7 @@ class Distiller(Session):
         self.student, self.info = load_pretrained(cfg.checkpoint, device=self.device, ema=cfg.init == "ema")
         K = self.student.config.vocab_size
         self.length = cfg.length or self.student.config.model_length
-        self.tokenizer_name = cfg.tokenizer or self.info.extra.get("tokenizer") or _TOKENIZER_BY_VOCAB.get(K, "")
+        self.tokenizer_name = cfg.tokenizer or self.info.extra.get("tokenizer") or (tokenizer_for_vocab(K) or "")
         if not self.tokenizer_name:
             raise ValueError("the checkpoint names no tokenizer: pass --tokenizer")
         self.tokenizer_vocab = self.info.extra.get("tokenizer_vocab", cfg.tokenizer_vocab)

@@ -109,7 +109,7 @@ def _skip_flag(bad: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Ten
 
 class TorchEngine:
     """One process: AdamW (fused), the learning-rate multiplier ``lr_lambda(update)``
-    (``duo_fast.schedules``), clipping, gradient accumulation over ``accum`` micro-batches;
+    (``duo_fast.training.lr_schedule``), clipping, gradient accumulation over ``accum`` micro-batches;
     non-finite steps skipped on the device."""
 
     def __init__(self, module: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,

@@ -43,6 +43,7 @@ from duo_fast.training.checkpoints import (
     load_newest,
     mean_over_ranks,
     read_checkpoint,
+    read_plain,
     set_generator_states,
     write_checkpoint,
 )
@@ -210,9 +211,7 @@ class Session:
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore everything ``save_checkpoint`` wrote; returns the shared state. Nothing in
         ``path`` can run code (``training.checkpoints``)."""
-        from duo_fast.training.checkpoints import _load_plain
-
-        shared = _load_plain(path / "state.pt")
+        shared = read_plain(path / "state.pt")
         if shared["world"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {shared['world']} processes, this run has {self.world}")
         if shared.get("vocab_size", self.vocab_size) != self.vocab_size:

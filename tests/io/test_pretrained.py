@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 from conftest import assert_close
+from public_files import hf_config, public_tokenizer, random_weights, write_hf, write_lightning
 
 from duo_fast import reference as ref
 from duo_fast.cli import main
@@ -18,98 +19,8 @@ from duo_fast.data import get_tokenizer
 from duo_fast.data.eval_sets import eval_blocks
 from duo_fast.eval.gen_ppl import unigram_entropy
 from duo_fast.eval.nelbo import discrete_nelbo_draws, evaluate_nelbo
-from duo_fast.io.pretrained import CheckpointError, config_from_state_dict, load_pretrained
+from duo_fast.io.pretrained import CheckpointError, load_pretrained
 from duo_fast.model import DiT, DiTConfig
-
-
-def _random_weights(preset: str, K: int) -> dict[str, torch.Tensor]:
-    cfg = DiTConfig.from_name(preset, vocab_size=K, model_length=64)
-    model = DiT(cfg)
-    g = torch.Generator().manual_seed(hash(preset) % 1000)
-    return {k: (torch.randn(v.shape, generator=g) * 0.02 if k != "rotary_emb.inv_freq" else v)
-            for k, v in model.state_dict().items()}
-
-
-def _hf_config(preset: str, K: int) -> dict:
-    d = DiTConfig.from_name(preset, vocab_size=K, model_length=64).to_dict()
-    return {"architectures": ["DIT"], "model_type": "dit", **d}
-
-
-def write_hf(folder, sd, cfg, fmt="safetensors"):
-    os.makedirs(folder, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    tensors = {"backbone." + k: v.contiguous() for k, v in sd.items()}
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(folder / "model.safetensors"))
-    else:
-        torch.save(tensors, folder / "pytorch_model.bin")
-    return folder
-
-
-def public_tokenizer(folder=None) -> object:
-    """A ``BertTokenizerFast`` as the public LM1B runs pickle it (a small local vocabulary)."""
-    from transformers import BertTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-    assert len(tok) == 10
-    return tok
-
-
-def public_config(length: int, preset: str = "tiny", algo: str = "duo", parameterization: str = "mean"):
-    """The run's OmegaConf config as the public trainer's ``save_hyperparameters()`` pickles it."""
-    import omegaconf
-
-    sizes = {"tiny": (256, 8, 8), "small": (768, 12, 12)}[preset]
-    return omegaconf.OmegaConf.create({
-        "mode": "train", "seed": 1,
-        "model": {"name": preset, "type": "ddit", "hidden_size": sizes[0], "cond_dim": 128, "length": length,
-                  "n_blocks": sizes[1], "n_heads": sizes[2], "scale_by_sigma": True, "dropout": 0.1,
-                  "tie_word_embeddings": False, "vocab_lookup": True},
-        "algo": {"name": algo, "backbone": "dit", "parameterization": parameterization,
-                 "time_conditioning": algo != "mdlm", "T": 0, "subs_masking": False, "causal_attention": False,
-                 "curriculum": {"mode": "simple", "gamma_min": -3.5, "gamma_max": -1.75}},
-        "data": {"train": "lm1b-wrap", "tokenizer_name_or_path": "bert-base-uncased", "wrap": True},
-        "training": {"ema": 0.9999, "antithetic_sampling": True, "sampling_eps": 1e-3},
-        "sampling": {"predictor": "ancestral", "steps": 1000, "noise_removal": "ancestral",
-                     "psi": {"high_mode": "pure-posterior", "high_frac": 0.2}},
-        "trainer": {"max_steps": 1000000, "precision": "bf16", "devices": "${eval:1}"},
-    })
-
-
-def write_lightning(path, raw, ema_sd, length=64, preset="tiny", algo="duo", parameterization="mean",
-                    tokenizer=None, callbacks_extra=None):
-    """A checkpoint laid out as the public Lightning trainer writes one: ``state_dict`` with
-    ``backbone.*`` (and a DCD ``teacher.*``), ``ema`` (decay, num_updates, shadow_params in the
-    backbone's parameter order), ``hyper_parameters`` = {config: DictConfig, tokenizer: object},
-    loops, callbacks, optimizer and scheduler states."""
-    with torch.device("meta"):
-        model = DiT(config_from_state_dict(raw))                   # the parameter order of this backbone
-    order = [n for n, _ in model.named_parameters()]
-    state = {"backbone." + k: v for k, v in raw.items()}
-    state.update({"teacher." + k: v + 1 for k, v in list(raw.items())[:3]})
-    callbacks = {"ModelCheckpoint{'monitor': 'val/nll', 'mode': 'min', 'every_n_train_steps': 500}": {
-        "monitor": "val/nll", "best_model_score": torch.tensor(3.1), "best_model_path": "/ckpt/best.ckpt",
-        "current_score": torch.tensor(3.2), "dirpath": "/ckpt", "best_k_models": {"/ckpt/best.ckpt": torch.tensor(3.1)},
-        "kth_best_model_path": "/ckpt/best.ckpt", "kth_value": torch.tensor(3.1), "last_model_path": "/ckpt/last.ckpt"}}
-    callbacks.update(callbacks_extra or {})
-    first = order[0]
-    ck = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.5.0", "state_dict": state,
-          "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}},
-                                 "epoch_loop.state_dict": {"_batches_that_stepped": 1000}}},
-          "callbacks": callbacks,
-          "optimizer_states": [{"state": {0: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(raw[first]),
-                                              "exp_avg_sq": torch.zeros_like(raw[first])}},
-                                "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
-                                                  "amsgrad": False, "params": [0], "initial_lr": 3e-4}]}],
-          "lr_schedulers": [{"base_lrs": [3e-4], "last_epoch": 1000, "_step_count": 1001, "lr_lambdas": [None]}],
-          "hparams_name": "kwargs",
-          "hyper_parameters": {"config": public_config(length, preset, algo, parameterization), "tokenizer": tokenizer},
-          "ema": {"decay": 0.9999, "num_updates": 1000, "shadow_params": [ema_sd[n] for n in order]}}
-    torch.save(ck, path)
-    return path
 
 
 def _direct_model(sd, preset, K):
@@ -120,11 +31,11 @@ def _direct_model(sd, preset, K):
 
 @pytest.mark.parametrize("preset,K", [("tiny", 1000), ("small", 50257)])
 def test_both_public_layouts_load_exactly(tmp_path, preset, K):
-    raw = _random_weights(preset, K)
+    raw = random_weights(preset, K)
     ema = {k: (v * 0.5 if v.is_floating_point() and k != "rotary_emb.inv_freq" else v) for k, v in raw.items()}
     ids, sigma = torch.randint(0, K, (1, 16)), torch.tensor([1.3])
 
-    model, info = load_pretrained(write_hf(tmp_path / "hf", ema, _hf_config(preset, K)))
+    model, info = load_pretrained(write_hf(tmp_path / "hf", ema, hf_config(preset, K)))
     assert (info.format, info.preset, info.vocab_size, info.weights) == ("hf-safetensors", preset, K, "ema")
     assert_close(model(ids, sigma), _direct_model(ema, preset, K)(ids, sigma), atol=1e-6, rtol=1e-6, what="hf")
     del model
@@ -141,15 +52,15 @@ def test_both_public_layouts_load_exactly(tmp_path, preset, K):
 
 
 def test_pytorch_model_bin_and_dtype(tmp_path):
-    sd = _random_weights("tiny", 300)
-    model, info = load_pretrained(write_hf(tmp_path / "bin", sd, _hf_config("tiny", 300), fmt="bin"),
+    sd = random_weights("tiny", 300)
+    model, info = load_pretrained(write_hf(tmp_path / "bin", sd, hf_config("tiny", 300), fmt="bin"),
                                   dtype=torch.float64)
     assert info.format == "hf-bin" and model.vocab_embed.embedding.dtype == torch.float64
 
 
 def test_corrupt_and_wrong_inputs(tmp_path):
-    sd = _random_weights("tiny", 300)
-    cfg = _hf_config("tiny", 300)
+    sd = random_weights("tiny", 300)
+    cfg = hf_config("tiny", 300)
     good = write_hf(tmp_path / "good", sd, cfg)
     # truncated safetensors
     bad = write_hf(tmp_path / "trunc", sd, cfg)
@@ -194,9 +105,9 @@ def test_public_lightning_checkpoint_loads_as_written(tmp_path):
     import subprocess
     import sys
 
-    from test_model import _manual_forward
+    from dit_oracle import manual_forward
 
-    raw = _random_weights("tiny", 10)
+    raw = random_weights("tiny", 10)
     ema = {k: (v * 0.7 + 0.01 if v.is_floating_point() and k != "rotary_emb.inv_freq" else v) for k, v in raw.items()}
     path = write_lightning(tmp_path / "last.ckpt", raw, ema, length=128, tokenizer=public_tokenizer(tmp_path))
     model, info = load_pretrained(path)
@@ -204,7 +115,7 @@ def test_public_lightning_checkpoint_loads_as_written(tmp_path):
     ids, sigma = torch.randint(0, 10, (2, 128)), torch.tensor([0.3, 2.0])
     with torch.no_grad():
         got = model(ids, sigma)
-        want = _manual_forward(_direct_model(ema, "tiny", 10).double(), ids, sigma.double())
+        want = manual_forward(_direct_model(ema, "tiny", 10).double(), ids, sigma.double())
     assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5, what="EMA logits")
     # the pickled tokenizer is rebuilt from its data: the same ids as the original object
     tok = info.tokenizer
@@ -220,7 +131,7 @@ def test_public_lightning_checkpoint_loads_as_written(tmp_path):
 
 
 def test_code_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
-    sd = _random_weights("tiny", 300)
+    sd = random_weights("tiny", 300)
     marker = tmp_path / "pwned"
     path = write_lightning(tmp_path / "evil.ckpt", sd, sd, callbacks_extra={"Evil": {"state": Exploit(marker)}})
     assert not marker.exists()
@@ -242,21 +153,21 @@ def test_code_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
 
 @pytest.mark.parametrize("algo,param", [("mdlm", "subs"), ("sedd", "score"), ("d3pm", "mean"), ("ar", "ar")])
 def test_other_algorithms_are_refused_by_name(tmp_path, algo, param):
-    sd = _random_weights("tiny", 300)
+    sd = random_weights("tiny", 300)
     path = write_lightning(tmp_path / f"{algo}.ckpt", sd, sd, algo=algo, parameterization=param)
     with pytest.raises(CheckpointError, match=f"algo.name='{algo}'.*Duo models only"):
         load_pretrained(path)
 
 
 def test_distilled_and_base_duo_checkpoints_load(tmp_path):
-    sd = _random_weights("tiny", 300)
+    sd = random_weights("tiny", 300)
     for algo in ("duo_base", "distillation"):
         model, info = load_pretrained(write_lightning(tmp_path / f"{algo}.ckpt", sd, sd, algo=algo))
         assert info.algo == algo
 
 
 def test_weights_only_refuses_the_metadata_the_safe_reader_accepts(tmp_path):
-    sd = _random_weights("tiny", 300)
+    sd = random_weights("tiny", 300)
     path = write_lightning(tmp_path / "m.ckpt", sd, sd)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)                               # the metadata classes are not allowed
@@ -328,7 +239,7 @@ def test_gen_ppl_with_a_local_causal_lm(tiny_export, tmp_path):
 def test_sample_from_a_public_ckpt_uses_its_pickled_tokenizer(tmp_path, capsys):
     """`duo-fast sample --checkpoint last.ckpt`: no flag, the tokenizer saved in the file, and
     the timing line with the graph-capture seconds and the wall time."""
-    raw = _random_weights("tiny", 10)
+    raw = random_weights("tiny", 10)
     path = write_lightning(tmp_path / "last.ckpt", raw, raw, length=16, tokenizer=public_tokenizer(tmp_path))
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--checkpoint", str(path), "--steps", "2", "--batch", "2", "--no-progress",

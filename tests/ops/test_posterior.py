@@ -167,3 +167,11 @@ def test_fused_linear_nucleus_matches_exact_filtered_posterior(impl):
                                     zt.expand(1, n).contiguous().to(dev), 0.7, 0.4, top_p=0.8, impl=impl,
                                     generator=torch.Generator().manual_seed(4))[0].cpu()
     assert chi_square_pvalue(draws, exact) > 1e-3
+
+
+def test_the_step_kinds_are_the_kernels_constants():
+    from duo_fast.kernels import sample_posterior as kernel
+    from duo_fast.ops.posterior import STEP_KINDS, StepKind
+
+    assert [int(k) for k in StepKind] == [kernel.POSTERIOR.value, kernel.ANCESTRAL.value, kernel.GREEDY.value]
+    assert set(STEP_KINDS) == {None, "ancestral", "greedy"}

@@ -180,7 +180,7 @@ def test_kernels_at_gpu_block_sizes(K):
     """The kernels at the block sizes the dispatcher picks on a GPU (small tiles, many programs),
     on shapes that are multiples of none of them: same statistics and gradient as the PyTorch path."""
     from duo_fast.kernels import rb_loss as kr
-    from duo_fast.ops.rb_loss import _grad_coefficients, _grad_torch, _stats_torch
+    from duo_fast.ops.rb_loss import grad_coefficients, grad_torch, stats_torch
 
     N = 45
     logits = torch.randn(N, K) * 3
@@ -191,15 +191,15 @@ def test_kernels_at_gpu_block_sizes(K):
     dev = impl_device("triton")
     stats = kr.rb_stats(logits.to(dev), zt.to(dev), x0.to(dev), beta.to(dev),
                         blocks=kr.stats_blocks(K, interpret=False)).cpu()
-    expect = _stats_torch(logits, zt, x0, beta)
+    expect = stats_torch(logits, zt, x0, beta)
     used = torch.ones_like(stats, dtype=torch.bool)
     used[3] = beta <= 1                      # rem is only used (and only computed by torch) where beta <= 1
     assert used[3].any() and not used[3].all()
     assert_close(stats[used], expect[used], atol=1e-5, rtol=1e-5, what="stats")
-    coefs = _grad_coefficients(expect, zt == x0, a, -torch.ones_like(a), K, torch.ones_like(a))
+    coefs = grad_coefficients(expect, zt == x0, a, -torch.ones_like(a), K, torch.ones_like(a))
     grad = kr.rb_grad(logits.to(dev), zt.to(dev), x0.to(dev), beta.to(dev), stats.to(dev), coefs.to(dev),
                       blocks=kr.grad_blocks(K, interpret=False)).cpu()
-    assert_close(grad, _grad_torch(logits, zt, x0, beta, expect, coefs), atol=1e-6, rtol=1e-4, what="gradient")
+    assert_close(grad, grad_torch(logits, zt, x0, beta, expect, coefs), atol=1e-6, rtol=1e-4, what="gradient")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -251,7 +251,7 @@ def test_cpu_fused_op_equals_the_pytorch_statistics_and_gradient():
         a = 10 ** (-6 * torch.rand(N, generator=g, dtype=torch.float64))           # beta from ~0.05 to ~K^2
         beta = (K * a / (1 - a)).float()
         assert bool((beta <= 1).any()) and bool((beta > 1).any())
-        s_t = R._stats_torch(logits, zt, x0, beta)
+        s_t = R.stats_torch(logits, zt, x0, beta)
         s_c = torch.ops.duo_fast.rb_stats_cpu(logits, zt, x0, beta)
         # float64 values of the sums the statistics stand for
         p = torch.softmax(logits.double(), -1)
@@ -269,7 +269,7 @@ def test_cpu_fused_op_equals_the_pytorch_statistics_and_gradient():
         assert torch.allclose(s_c[3, small].double(), s_t[3, small].double(), rtol=1e-4, atol=1e-9)
         assert torch.allclose(s_c[7:], s_t[7:], rtol=1e-5)
         coefs = torch.randn(5, N, generator=g)
-        g_t = R._grad_torch(logits, zt, x0, beta, s_t, coefs)
+        g_t = R.grad_torch(logits, zt, x0, beta, s_t, coefs)
         g_c = torch.ops.duo_fast.rb_grad_cpu(logits, zt, x0, beta, s_t, coefs, torch.empty_like(logits))
         assert float((g_c - g_t).abs().max() / g_t.abs().max()) < 1e-5
         inplace = logits.clone()
@@ -285,7 +285,7 @@ def test_fused_gradient_recomputes_the_forward_logits_bit_for_bit(dtype, gpu_blo
     the elementwise gradient kernel applied to the stored logits exactly (bf16 tensor-core branch
     and fp32), at the GPU's tiles and the interpreter's, on shapes that are multiples of none."""
     from duo_fast.kernels import rb_loss as kr
-    from duo_fast.ops.rb_loss import _grad_coefficients
+    from duo_fast.ops.rb_loss import grad_coefficients
 
     N, K, D = 45, 150, 72
     g = torch.Generator().manual_seed(3)
@@ -304,7 +304,7 @@ def test_fused_gradient_recomputes_the_forward_logits_bit_for_bit(dtype, gpu_blo
     truth = (h.double() @ w.double().T + b.double()).cpu()
     assert ((logits[:, :K].double().cpu() - truth).abs() <= truth.abs() * 2 ** -7 + 1e-5).all()
     stats = kr.rb_stats(logits, zt, x0, beta)
-    coefs = _grad_coefficients(stats.cpu(), (zt == x0).cpu(), a, -torch.ones_like(a), K, torch.ones_like(a)).to(dev)
+    coefs = grad_coefficients(stats.cpu(), (zt == x0).cpu(), a, -torch.ones_like(a), K, torch.ones_like(a)).to(dev)
     fused = kr.rb_grad_linear(h, w, b, zt, x0, beta, stats, coefs.contiguous(), blocks=blocks)
     assert torch.equal(fused, kr.rb_grad(logits, zt, x0, beta, stats, coefs.contiguous()))
     assert (fused[:, K:] == 0).all()

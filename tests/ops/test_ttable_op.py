@@ -130,7 +130,7 @@ def test_the_op_compiles_on_first_use_when_not_prebuilt(tmp_path):
 
     code = ("import sys; sys.modules['duo_fast._C'] = None\n"
             "import torch, duo_fast\n"
-            "from duo_fast import _ext\n"
+            "from duo_fast.ops import extension as _ext\n"
             "from duo_fast.ops.ttable import lookup_backend\n"
             "assert _ext.SOURCE == 'jit', (_ext.SOURCE, _ext.IMPORT_ERROR)\n"
             "assert lookup_backend(torch.device('cpu')) == 'cpp'\n"

@@ -1,5 +1,5 @@
 """Hot loops without host round trips, counted on CPU with a dispatch mode
-(``duo_fast.hostsync``): the sampling loop (every sampler variant, PyTorch and Triton under the
+(``duo_fast.core.hostsync``): the sampling loop (every sampler variant, PyTorch and Triton under the
 interpreter, which is the code a GPU and its CUDA-graph capture run), the training step, and
 the training loop between log steps. A second test reads the hot modules' source and fails when
 one of them grows a host read outside the places allowed for it."""

@@ -57,3 +57,33 @@ def test_cuda_graph_replay_matches_eager():
     assert torch.equal(eager, graphed)
     again, stats2 = generate(model, SamplerConfig(seed=6, **cfg), progress=False)      # a replay, new seeds
     assert stats2["graph_capture_seconds"] == 0.0 and not torch.equal(again, graphed)
+
+
+def test_every_sampler_field_but_the_seed_is_in_the_graph_key():
+    """The CUDA-graph cache key is the frozen configuration itself: a field that changes the loop
+    can never reuse a stale graph (only the seed, refilled at each replay, is left out)."""
+    import dataclasses
+
+    from duo_fast.sampling.psi import PsiConfig
+
+    base = SamplerConfig()
+    other = {"steps": 9, "batch": 3, "length": 7, "schedule": "cosine", "noise_removal": "ancestral", "top_p": 0.9,
+             "kappa": (0.5, 0.5), "psi": PsiConfig(high_frac=0.1), "t_min": 1e-4, "fused": False, "cuda_graph": False}
+    assert set(other) | {"seed"} == {f.name for f in dataclasses.fields(SamplerConfig)}, "a new field: add it here"
+    for name, value in other.items():
+        assert dataclasses.replace(base, **{name: value}).graph_key() != base.graph_key(), name
+    assert dataclasses.replace(base, seed=5).graph_key() == base.graph_key()
+    hash(base.graph_key())
+
+
+def test_the_sample_and_eval_flags_are_the_sampler_config_fields():
+    from duo_fast.cli import build_parser
+    from duo_fast.sampling.config import flag_fields
+
+    parser = build_parser()
+    for cmd in ("sample", "eval"):
+        args = parser.parse_args([cmd, "--checkpoint", "x"])
+        for f in flag_fields():
+            assert hasattr(args, f.name), (cmd, f.name)
+        args = parser.parse_args([cmd, "--checkpoint", "x", "--steps", "3", "--noise-removal", "none", "--no-fused"])
+        assert (args.steps, args.noise_removal, args.fused) == (3, "none", False)

@@ -125,11 +125,12 @@ def test_the_logits_kernel_does_not_specialise_on_the_row_stride():
     code = r'''
 import torch
 from duo_fast.kernels import sample_posterior as sp
+from duo_fast.kernels._common import meta
 from duo_fast.tools import cost_model as cm
 
 def key(stride):
-    logits = cm._meta(64, stride, dtype=torch.bfloat16)[:, :1000]
-    zt, a = cm._meta(64, dtype=torch.int64), cm._meta(64, dtype=torch.float64)
+    logits = meta(64, stride, dtype=torch.bfloat16)[:, :1000]
+    zt, a = meta(64, dtype=torch.int64), meta(64, dtype=torch.float64)
     (launch,) = cm.capture_launches(lambda: sp.sample_posterior_fwd(logits, zt, a, a, None, 5, 0))
     return cm.specialization_key(launch)
 

@@ -98,12 +98,50 @@ def test_distill_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
 
 def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(tmp_path):
     """A tokenizer folder of another vocabulary than the checkpoint's: a clear error before distilling."""
-    from duo_fast.data import _cache_root, get_tokenizer
+    from duo_fast.data import cache_root, get_tokenizer
 
     ckpt = _teacher_checkpoint(tmp_path)
     get_tokenizer("bundled", 256)                                    # trained and cached as a folder
-    other = _cache_root() / "tokenizers" / "jargon-bpe-256"
+    other = cache_root() / "tokenizers" / "jargon-bpe-256"
     with pytest.raises(SystemExit, match="do not belong together"):
         main(["distill", "--checkpoint", ckpt, "--tokenizer", str(other), "--dataset", "bundled", "--steps", "2",
               "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x" / "log.jsonl").exists()
+
+
+def test_train_and_distill_share_one_run_config():
+    """The fields both commands have are declared once (RunConfig), with their checks: distill
+    honours --val-fraction and refuses a bad one exactly as train does."""
+    import dataclasses
+
+    from duo_fast.training.config import RunConfig
+    from duo_fast.training.duo import TrainConfig
+
+    common = {f.name for f in dataclasses.fields(RunConfig)}
+    assert common <= {f.name for f in dataclasses.fields(DistillConfig)}
+    assert common <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert "val_fraction" in common and DistillConfig(checkpoint="x", val_fraction=0.2).val_fraction == 0.2
+    for cls, extra in ((TrainConfig, {}), (DistillConfig, {"checkpoint": "x"})):
+        with pytest.raises(ValueError, match="--val-fraction"):
+            cls(val_fraction=0.7, **extra)
+    # the help and choices of a shared field come from RunConfig, whatever the recipe's default
+    help_of = {cls: {f.name: f.metadata["help"] for f in dataclasses.fields(cls)} for cls in (TrainConfig, DistillConfig)}
+    assert help_of[TrainConfig]["zero_stage"] == help_of[DistillConfig]["zero_stage"]
+
+
+def test_distill_holds_out_the_val_fraction_of_a_local_file(tmp_path):
+    """A text:PATH data set: distill's validation blocks are the --val-fraction held out, the same
+    documents train holds out (one data path for both)."""
+    from duo_fast.training.dcd import Distiller
+    from duo_fast.training.duo import TrainConfig, Trainer
+
+    ckpt = _teacher_checkpoint(tmp_path)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"document number {i} with a few words in it, said plainly.\n" for i in range(400)))
+    data = dict(dataset=f"text:{docs}", tokenizer="bundled", tokenizer_vocab=512, length=32, batch_size=4,
+                val_fraction=0.25, device="cpu", progress=False)
+    d = Distiller(DistillConfig(checkpoint=ckpt, out=str(tmp_path / "d"), **data))
+    t = Trainer(TrainConfig(model="tiny", out=str(tmp_path / "t"), **data))
+    assert torch.equal(d.val_blocks[:], t.val_blocks[:]) and torch.equal(d.train_blocks[:], t.train_blocks[:])
+    d2 = Distiller(DistillConfig(checkpoint=ckpt, out=str(tmp_path / "d2"), **{**data, "val_fraction": 0.1}))
+    assert d2.val_blocks.shape[0] < d.val_blocks.shape[0]

@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from test_pretrained import _random_weights, write_lightning
+from public_files import random_weights, write_lightning
 
 from duo_fast import reference as ref
 from duo_fast.data import get_tokenizer, special_ids, tokenize_documents
@@ -101,7 +101,7 @@ def test_times_are_stratified_over_the_global_batch(tmp_path):
 
 def _bundled_ckpt(tmp_path, length=32, decay=0.9999, updates=1234):
     K = len(get_tokenizer("bundled", 512))
-    raw = {k: v for k, v in _random_weights("tiny", K).items()}
+    raw = {k: v for k, v in random_weights("tiny", K).items()}
     ema = {k: v + 0.01 for k, v in raw.items()}
     path = tmp_path / "last.ckpt"
     write_lightning(path, raw, ema, length=length)
