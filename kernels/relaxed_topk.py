@@ -73,9 +73,9 @@ def _candidate(r, t, ok, x, ids, cols, j, m, lemire_t):
     return tl.where(good, cid, t), ok | good
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])       # one compile whatever the seed
 def _adaptive_topk_kernel(x_ptr, at_ptr, st_ptr, ids_ptr, w_ptr, wt_ptr, zt_ptr, k_ptr, bound_ptr,
-                          N, K, k_cap, seed, inv_tau, log_tol, lemire_t,
+                          N, K, k_cap, seed: tl.int64, inv_tau, log_tol, lemire_t,
                           BLOCK: tl.constexpr, KMAX: tl.constexpr, STREAM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)

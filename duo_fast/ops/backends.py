@@ -29,7 +29,7 @@ import torch
 from duo_fast.core.noise_schedule import per_token
 
 __all__ = ["IMPLS", "OPERATORS", "Choice", "choose", "report", "use_triton", "check_environment", "LAST_RUN",
-           "seed_from", "token_rows", "flash_attn_func"]
+           "seed_from", "token_rows", "flash_attn_func", "rb_cpp_available"]
 
 IMPLS = ("auto", "torch", "triton")
 TTABLE_IMPLS = ("auto", "cpp", "torch")
@@ -96,7 +96,7 @@ def _triton(op: str, device: torch.device, impl: str) -> Choice | None:
 
 
 @functools.cache
-def _rb_cpp() -> bool:
+def rb_cpp_available() -> bool:
     """Whether the fused C++ CPU RB op (csrc/rb_loss_cpu.cpp) is built and this CPU runs it."""
     from duo_fast.ops import extension
 
@@ -155,7 +155,7 @@ def choose(op: str, where: torch.Tensor | torch.device | str, impl: str = "auto"
     choice = _triton(op, device, impl)
     if choice is not None and choice.impl == "triton":
         return choice
-    if op in ("rb_loss", "rb_loss_linear") and device.type == "cpu" and _rb_cpp():
+    if op in ("rb_loss", "rb_loss_linear") and device.type == "cpu" and rb_cpp_available():
         lead = f"{choice.why}; on CPU that is" if choice is not None else "CPU tensors:"
         return Choice("cpp", f"{lead} the fused C++ op (csrc/rb_loss_cpu.cpp, {_cpp_source()})")
     if choice is not None:

@@ -164,7 +164,7 @@ ALLOWED = {
     ("duo_fast/training/harness.py", "load_checkpoint"): "resume",
     ("duo_fast/training/dcd.py", "dcd_gap"): "Python floats",
     ("duo_fast/ops/backends.py", "seed_from"): "an int seed given by the caller, or one drawn on the CPU",
-    ("duo_fast/ops/backends.py", "_rb_cpp"): "bool of the op's Python bool, cached once",
+    ("duo_fast/ops/backends.py", "rb_cpp_available"): "bool of the op's Python bool, cached once",
     ("duo_fast/ops/posterior.py", "sample_posterior"): "int(seed) of a caller's int seed (PyTorch path)",
     ("duo_fast/ops/posterior.py", "sample_posterior_linear"): "int(seed) of a caller's int seed (PyTorch path)",
     ("duo_fast/ops/rb_loss.py", "_finite_or_raise"): "the checked mode (log steps only)",

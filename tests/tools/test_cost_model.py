@@ -139,3 +139,30 @@ print("same:", key(1000) == key(1001) == key(1024))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "same: True" in proc.stdout
+
+
+def test_no_kernel_specialises_on_its_seed():
+    """A seed divisible by 16 (or equal to 1) must not compile a new kernel mid-training: every
+    launch that takes a Python int seed specialises alike for any seed."""
+    code = r'''
+import torch
+from duo_fast.kernels import relaxed_embedding as re_k, relaxed_topk as rt, sample_posterior as sp
+from duo_fast.kernels._common import meta
+from duo_fast.tools import cost_model as cm
+
+N, K, D = 100, 300, 64
+x0, at = meta(N, dtype=torch.int64), meta(N, dtype=torch.float32)
+logits, a = meta(N, K, dtype=torch.bfloat16), meta(N, dtype=torch.float64)
+calls = {
+    "adaptive": lambda seed: rt.adaptive_topk(x0, at, at, K, 1e-3, 1e-6, 8, seed),
+    "relaxed": lambda seed: re_k.relaxed_fwd(x0, at, at, meta(K, D, dtype=torch.bfloat16), 1e-3, seed, False),
+    "posterior": lambda seed: sp.sample_posterior_fwd(logits, x0, a, a, None, seed, 0),
+}
+for name, call in calls.items():
+    keys = {tuple(cm.specialization_key(l) for l in cm.capture_launches(lambda: call(s)))
+            for s in (2**61 + 7, 2**61 + 16, 1, 32)}
+    print(name, "same:", len(keys) == 1)
+'''
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("same: True") == 3, proc.stdout

@@ -123,23 +123,45 @@ def test_configuration_errors_before_training(tmp_path):
     assert not (tmp_path / "a" / "log.jsonl").exists() and not (tmp_path / "b" / "log.jsonl").exists()
 
 
-def test_distill_two_ranks_zero2(tmp_path):
-    """DCD under torchrun: rounds refresh the teacher, dt doubles, the export samples."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_distill_two_ranks(tmp_path, stage):
+    """DCD under torchrun: rounds refresh the teacher, dt doubles, the export samples. ZeRO-3 with
+    no EMA validates and exports the partitioned student itself (gathered into a fresh module,
+    never a deep copy of the engine's), and samples at a validation."""
     trained = tmp_path / "trained"
     proc = _torchrun(["--zero-stage", "2", "--steps", "4", "--curriculum-end", "2", "--out", str(trained)])
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = tmp_path / "dcd"
-    proc = _torchrun(["--checkpoint", str(trained / "export"), "--dataset", "bundled", "--zero-stage", "2", "--device", "cpu",
-                      "--batch-size", "8", "--steps", "12", "--update-every", "4", "--t-grid", "8", "--ema", "0.9",
-                      "--no-progress", "--out", str(out)], command="distill")
+    ema = ["--ema", "0.9"] if stage == 2 else ["--ema", "0", "--val-every", "6", "--val-samples", "1",
+                                               "--val-sample-steps", "2"]
+    proc = _torchrun(["--checkpoint", str(trained / "export"), "--dataset", "bundled", "--zero-stage", str(stage),
+                      "--device", "cpu", "--batch-size", "8", "--steps", "12", "--update-every", "4", "--t-grid", "8",
+                      *ema, "--no-progress", "--out", str(out)], command="distill")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     log = _log(out)
     assert [r["step"] for r in log if r["teacher_refreshed"]] == [4, 8]
     assert {r["round"]: r["dt"] for r in log} == {0: 0.125, 1: 0.25, 2: 0.5}
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == stage
+    if stage == 3:
+        assert [v["step"] for v in summary["validations"]] == [5, 11]
+        assert all("sample_entropy" in v for v in summary["validations"])
     samples = tmp_path / "s.jsonl"
     assert main(["sample", "--checkpoint", str(out / "export"), "--steps", "4", "--batch", "2", "--num-samples", "2",
                  "--out", str(samples), "--no-progress"]) == 0
+
+
+def test_zero3_training_without_ema_validates_and_samples(tmp_path):
+    """ZeRO-3 with --ema 0: validation, its samples and the export read the partitioned weights
+    through a gathered copy (a deep copy of the engine's module crashed here)."""
+    out = tmp_path / "z3"
+    proc = _torchrun(["--zero-stage", "3", "--steps", "6", "--curriculum-end", "2", "--val-every", "3",
+                      "--val-samples", "1", "--val-sample-steps", "2", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [v["step"] for v in summary["validations"]] == [2, 5]
+    assert all("sample_entropy" in v for v in summary["validations"])
+    assert (out / "best" / "model.safetensors").exists() and (out / "export" / "model.safetensors").exists()
 
 
 def test_zero2_two_ranks_follow_the_single_process_trajectory(tmp_path):
