@@ -45,3 +45,15 @@ def test_the_public_api_is_small_and_documented():
         obj = getattr(duo_fast, name)
         assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
     assert duo_fast.ops.rb_loss is duo_fast.rb_loss
+
+
+def test_setup_installs_every_subpackage():
+    """A new subpackage of duo_fast must be listed in setup.py, or a non-editable install lacks it."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for k in node.keywords if k.arg == "packages")
+    found = {"duo_fast." + ".".join(p.parent.relative_to(ROOT / "duo_fast").parts)
+             for p in (ROOT / "duo_fast").rglob("__init__.py") if p.parent != ROOT / "duo_fast"}
+    assert found | {"duo_fast", "duo_fast.kernels", "duo_fast.csrc"} == set(listed), sorted(set(listed) ^ found)
