@@ -139,10 +139,12 @@ def normal_pair(r0, r1):
     relative precision near 0, so |eps| reaches 6.66 (23-bit uniforms stopped at 5.77); the
     angle ``2 pi (r1 >> 8) 2^-24``. On the GPU the log, square root, cosine and sine are one
     MUFU instruction each (:func:`lg2_approx`, ``tl.sqrt``, :func:`_cos_sin_approx`): absolute
-    error of a draw below ``R 2^-20`` (4e-6 at the largest radius)."""
+    error of a draw below ``R 2^-20`` (4e-6 at the largest radius), and the radius never NaN."""
     u1 = ((r0 >> 1).to(tl.int32).to(tl.float32) + 0.5) * 4.656612873077393e-10       # (0, 1), 31 bits
     u2 = (r1 >> 8).to(tl.int32).to(tl.float32) * 5.960464477539063e-08               # [0, 1), 24 bits
-    radius = tl.sqrt(-1.3862943611198906 * lg2_approx(u1))                            # sqrt(-2 ln u1)
+    # sqrt(-2 ln u1); lg2.approx (absolute error 2^-22 near 1) can return a log >= 0 for u1 just
+    # below 1, and 0 is then the radius (the exact one is below 6e-4 there), never a NaN
+    radius = tl.sqrt(tl.maximum(-1.3862943611198906 * lg2_approx(u1), 0.0))
     c, s = _cos_sin_approx(6.283185307179586 * u2)
     return radius * c, radius * s
 

@@ -15,8 +15,14 @@ Precision: the module's weights are float32 in both engines; on CUDA the denoise
 blocks under bf16 autocast (``DiT.forward``), as the public trainer does. DeepSpeed's own bf16
 mode (bf16 weights) is not used, so the EMA and every export come from float32 weights.
 
-The ZeRO configurations shipped are ``duo_fast/configs/zero{1,2,3}.json``; the trainer fills in
-the batch sizes, accumulation, clipping, AdamW and the warm-up schedule.
+One host read is DeepSpeed's, not ours: ZeRO-1/2's ``step`` checks its global gradient norm on
+the host (``is_invalid_grad_norm``: one synchronisation per optimizer step) whenever it computes
+that norm, which gradient clipping needs. With ``--grad-clip 0``, :func:`ds_config` sets
+``zero_optimization.compute_grad_norm=false`` (where DeepSpeed has it), which removes the read;
+``grad_norm()`` is then NaN in the log.
+
+The ZeRO configurations shipped are ``duo_fast/training/configs/zero{1,2,3}.json``; the trainer fills
+in the batch sizes, accumulation, clipping, AdamW and the warm-up schedule.
 """
 
 from __future__ import annotations
@@ -166,15 +172,28 @@ class TorchEngine:
         self._micro = state["micro"]
 
 
+def _deepspeed_has_zero_field(name: str) -> bool:
+    """Whether the installed DeepSpeed's ZeRO config knows ``name`` (newer fields are refused by older ones)."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return False
+    fields = getattr(DeepSpeedZeroConfig, "model_fields", None) or getattr(DeepSpeedZeroConfig, "__fields__", {})
+    return name in fields
+
+
 def ds_config(stage: int, micro: int, accum: int, world: int, lr: float, betas: tuple[float, float],
               weight_decay: float, grad_clip: float, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed configuration of a run: batch layout, clipping, the shipped ZeRO section,
     float32 weights (no DeepSpeed bf16/fp16 mode: see the module docstring) and torch's AdamW,
     fused on CPU and CUDA."""
+    zero = zero_config(stage)
+    if stage in (1, 2) and grad_clip <= 0 and _deepspeed_has_zero_field("compute_grad_norm"):
+        zero["compute_grad_norm"] = False        # no clipping: skip ZeRO-1/2's per-step host read of the norm
     return {
         "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum, "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
-        "zero_optimization": zero_config(stage),
+        "zero_optimization": zero,
         "bf16": {"enabled": False}, "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
                                                   "weight_decay": weight_decay, "torch_adam": True,

@@ -172,6 +172,9 @@ ALLOWED = {
     ("duo_fast/sampling/conditioning.py", "infill_pieces"): "int() of the template's text, parsed before the loop",
     ("duo_fast/training/loop_support.py", "BatchFeeder._stage"): "the block indices are host tensors (crc32 of them)",
     ("kernels/sample_posterior.py", "_seed_args"): "int(seed) of a caller's int seed",
+    ("kernels/sample_posterior.py", "compile_calls"): "the compile check's configurations (meta tensors, no run)",
+    ("kernels/rb_loss.py", "compile_calls"): "the compile check's configurations (meta tensors, no run)",
+    ("kernels/relaxed_embedding.py", "compile_calls"): "the compile check's configurations (meta tensors, no run)",
     ("kernels/sample_posterior.py", "nucleus_cut_fwd"): "float(top_p) of the caller's Python top_p",
     ("duo_fast/sampling/conditioning.py", "known_positions"): "the caller's prefix checked and staged once, before "
                                                                "the loop",

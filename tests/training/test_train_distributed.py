@@ -201,6 +201,24 @@ def test_deepspeed_config_keeps_float32_weights():
         assert cfg["optimizer"]["params"]["fused"] is True and cfg["train_batch_size"] == 64
 
 
+def test_zero12_without_clipping_skip_the_host_read_of_the_grad_norm():
+    """ZeRO-1/2 read their gradient norm on the host each step when they compute it; with no
+    clipping the config turns that computation off (a field DeepSpeed validates), with clipping not."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from duo_fast.training.engine import ds_config
+
+    for stage in (1, 2):
+        off = ds_config(stage, 4, 1, 2, 3e-4, (0.9, 0.999), 0.0, 0.0, torch.device("cpu"))["zero_optimization"]
+        on = ds_config(stage, 4, 1, 2, 3e-4, (0.9, 0.999), 0.0, 1.0, torch.device("cpu"))["zero_optimization"]
+        if "compute_grad_norm" not in getattr(DeepSpeedZeroConfig, "model_fields", {}):
+            pytest.skip("this DeepSpeed has no zero_optimization.compute_grad_norm")
+        assert off["compute_grad_norm"] is False and "compute_grad_norm" not in on
+        assert DeepSpeedZeroConfig(**off).compute_grad_norm is False
+    z3 = ds_config(3, 4, 1, 2, 3e-4, (0.9, 0.999), 0.0, 0.0, torch.device("cpu"))["zero_optimization"]
+    assert "compute_grad_norm" not in z3                # ZeRO-3 has no such setting
+
+
 def test_deepspeed_launcher_as_the_readme_shows_it(tmp_path):
     """`deepspeed --num_gpus 2 --module duo_fast.cli train ...` (CPU accelerator): the launcher's
     --local_rank is accepted, both ranks train and the run finishes."""
