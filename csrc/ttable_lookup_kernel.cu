@@ -19,24 +19,34 @@ __global__ void ttable_lookup_kernel(const T* __restrict__ gamma, T* __restrict_
   }
 }
 
-// Returns the launch error (cudaSuccess when the launch was accepted).
+template <typename T>
+cudaError_t launch_typed(const void* gamma, void* alpha, void* dalpha, int64_t numel, const double* q,
+                         const double* dq, int64_t n, double gmin, double gmax, double scale, unsigned blocks,
+                         unsigned threads, cudaStream_t stream) {
+  const T* g = static_cast<const T*>(gamma);
+  T* a = static_cast<T*>(alpha);
+  T* d = static_cast<T*>(dalpha);
+  void* args[] = {&g, &a, &d, &numel, &q, &dq, &n, &gmin, &gmax, &scale};
+  // cudaLaunchKernel returns this launch's own error (a bad configuration, no kernel image for the
+  // device), where cudaGetLastError after <<<...>>> would also report, and clear, an earlier one
+  return cudaLaunchKernel(reinterpret_cast<const void*>(&ttable_lookup_kernel<T>), dim3(blocks), dim3(threads), args,
+                          0, stream);
+}
+
+// Returns this launch's error (cudaSuccess when the launch was accepted).
 cudaError_t ttable_lookup_cuda_launch(const void* gamma, void* alpha, void* dalpha, bool is_double, int64_t numel,
                                       const double* q, const double* dq, int64_t n, double gmin, double gmax,
                                       double scale, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  const int threads = 256;
+  const unsigned threads = 256;
   int64_t blocks = (numel + threads - 1) / threads;
   if (blocks > 65535) blocks = 65535;
   if (is_double) {
-    ttable_lookup_kernel<double><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        static_cast<const double*>(gamma), static_cast<double*>(alpha), static_cast<double*>(dalpha), numel, q, dq, n,
-        gmin, gmax, scale);
-  } else {
-    ttable_lookup_kernel<float><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        static_cast<const float*>(gamma), static_cast<float*>(alpha), static_cast<float*>(dalpha), numel, q, dq, n,
-        gmin, gmax, scale);
+    return launch_typed<double>(gamma, alpha, dalpha, numel, q, dq, n, gmin, gmax, scale,
+                                static_cast<unsigned>(blocks), threads, stream);
   }
-  return cudaGetLastError();
+  return launch_typed<float>(gamma, alpha, dalpha, numel, q, dq, n, gmin, gmax, scale, static_cast<unsigned>(blocks),
+                             threads, stream);
 }
 
 }  // namespace duo_fast
