@@ -580,11 +580,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.psi is not None:
         print(f"Psi sampler: {args.psi}")
     if args.top_p < 1:
-        from duo_fast.ops.backends import use_triton
+        from duo_fast.ops.backends import choose
         from duo_fast.ops.posterior import NUCLEUS_METHOD
 
         probe = next(model.parameters())
-        print(f"nucleus top-p {args.top_p}: {NUCLEUS_METHOD['triton' if use_triton(probe) else 'torch']}")
+        print(f"nucleus top-p {args.top_p}: {NUCLEUS_METHOD[choose('sample_posterior', probe).impl]}")
     for r in rows[: args.show]:
         print("---", (r["text"] if r["text"] is not None else str(r["token_ids"][:40]))[:400].replace("\n", " "))
     _print_throughput(st)

@@ -29,7 +29,7 @@ import torch
 from duo_fast.core.noise_schedule import per_token
 
 __all__ = ["IMPLS", "OPERATORS", "Choice", "choose", "report", "use_triton", "check_environment", "LAST_RUN",
-           "seed_from", "token_rows", "flash_attn_func", "rb_cpp_available"]
+           "seed_from", "token_rows", "flash_attn_func", "rb_cpp_available", "run_impl"]
 
 IMPLS = ("auto", "torch", "triton")
 TTABLE_IMPLS = ("auto", "cpp", "torch")
@@ -163,11 +163,17 @@ def choose(op: str, where: torch.Tensor | torch.device | str, impl: str = "auto"
     return Choice("torch", "chunked PyTorch path: the Triton kernels need CUDA tensors")
 
 
-def use_triton(t: torch.Tensor, impl: str = "auto", op: str = "sample_posterior") -> bool:
-    """Whether operator ``op`` runs its Triton kernels on ``t``'s device (records the choice)."""
-    impl_ran = choose(op, t, impl).impl
-    LAST_RUN[op] = impl_ran
-    return impl_ran == "triton"
+def run_impl(op: str, t: torch.Tensor | torch.device, impl: str = "auto") -> str:
+    """The implementation operator ``op`` runs now, recorded in :data:`LAST_RUN`: what an operator
+    calls when it is about to run (a report that runs nothing uses :func:`choose`)."""
+    ran = choose(op, t, impl).impl
+    LAST_RUN[op] = ran
+    return ran
+
+
+def use_triton(t: torch.Tensor, impl: str, op: str) -> bool:
+    """Whether operator ``op`` runs its Triton kernels on ``t``'s device (:func:`run_impl`)."""
+    return run_impl(op, t, impl) == "triton"
 
 
 def report(device: torch.device | str = "cpu") -> dict[str, Choice]:

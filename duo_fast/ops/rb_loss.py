@@ -361,8 +361,7 @@ def rb_loss(logits: Tensor, zt: Tensor, x0: Tensor, alpha_t: Tensor | float, dal
     flat = logits.reshape(B * L, K)
     if flat.stride(1) != 1:
         flat = flat.contiguous()
-    ran = backends.choose("rb_loss", logits, impl).impl
-    backends.LAST_RUN["rb_loss"] = ran
+    ran = backends.run_impl("rb_loss", logits, impl)
     chunk = chunk_tokens or default_chunk_tokens(K, logits.device)
     return _RBLoss.apply(flat, z, x, a, da, ran, chunk, check).view(B, L)
 
@@ -388,7 +387,6 @@ def rb_loss_linear(h: Tensor, weight: Tensor, bias: Tensor | None, zt: Tensor, x
     z, x, a, da = _rows(zt, x0, alpha_t, dalpha_t, K)
     w = weight.to(h.dtype)
     b = None if bias is None else bias.to(h.dtype)
-    ran = backends.choose("rb_loss_linear", h, impl).impl
-    backends.LAST_RUN["rb_loss_linear"] = ran
+    ran = backends.run_impl("rb_loss_linear", h, impl)
     chunk = chunk_tokens or default_chunk_tokens(K, h.device, h.element_size())
     return _RBLossLinear.apply(h.reshape(B * L, D), w, b, z, x, a, da, ran, chunk, check).view(B, L)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from duo_fast.core.hostsync import read_cpu
 from duo_fast.core.noise_schedule import gaussian_coefficients, per_token
-from duo_fast.ops.backends import LAST_RUN, choose, seed_from, use_triton
+from duo_fast.ops.backends import run_impl, seed_from, use_triton
 from duo_fast.ops.relaxed_torch import adaptive_topk_relaxation, coupled_argmax, topk_relaxation
 
 __all__ = ["relaxed_embedding", "coupled_latents", "MODES", "adaptive_fits", "resolve_mode"]
@@ -288,6 +288,6 @@ def coupled_latents(x0: Tensor, gamma_t: Tensor | float, gamma_s: Tensor | float
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
     torch._assert_async(((x0 >= 0) & (x0 < vocab_size)).all(), f"token ids out of range [0, {vocab_size})")
-    LAST_RUN["coupled_latents"] = choose("coupled_latents", x0).impl
+    run_impl("coupled_latents", x0)
     gen = torch.Generator(device=x0.device).manual_seed(seed_from(seed, generator))
     return coupled_argmax(x0, gamma_t, gamma_s, vocab_size, generator=gen)

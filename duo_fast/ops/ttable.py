@@ -113,9 +113,7 @@ def lookup_backend(device: torch.device, impl: str = "auto") -> str:
     lookup on ``device``, as the backend registry decides (``duo_fast.ops.backends``): ``impl``
     (or ``DUO_FAST_TTABLE_IMPL``) forces one; a forced ``cpp`` that is not available raises,
     ``auto`` falls back with a one-time warning. Records the choice."""
-    ran = backends.choose("ttable_lookup", device, impl).impl
-    backends.LAST_RUN["ttable_lookup"] = ran
-    return ran
+    return backends.run_impl("ttable_lookup", device, impl)
 
 
 class _AlphaFunction(torch.autograd.Function):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from duo_fast.core.noise_schedule import NOISE_SCHEDULES
 from duo_fast.model.protocol import Denoiser
-from duo_fast.ops.backends import use_triton
+from duo_fast.ops.backends import choose
 from duo_fast.ops.posterior import NUCLEUS_METHOD
 from duo_fast.sampling.conditioning import known_positions
 from duo_fast.sampling.config import SamplerConfig
@@ -140,7 +140,7 @@ def generate(model: Denoiser, cfg: SamplerConfig, device: torch.device | str | N
              "nfe": loop.nfe, "samples_per_s": cfg.batch / wall, "tokens_per_s": cfg.batch * L / wall,
              "nfe_per_s": loop.nfe / wall}
     if cfg.top_p < 1:
-        stats["nucleus"] = NUCLEUS_METHOD["triton" if use_triton(z) else "torch"]
+        stats["nucleus"] = NUCLEUS_METHOD["triton" if choose("sample_posterior", z).impl == "triton" else "torch"]
     return z, stats
 
 
